@@ -1,0 +1,1 @@
+"""Demo upstream service that the API gateway proxies to."""

@@ -1,0 +1,85 @@
+"""create_app(): the Quart app (/health, /metrics, errors, lifecycle) around the gateway's
+ASGI-level catch-all route. No request logic lives here."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from quart import Quart, Response
+
+from werkzeug.exceptions import HTTPException
+
+from .logs import configure_logging
+from .gateway import Gateway, Receive, Scope, Send
+from .settings import Settings, load_settings
+
+OWN_PATHS = frozenset({"/health", "/metrics"})
+
+
+class ProxyRoute:
+    """ASGI callable in front of Quart: every HTTP request except the gateway's own paths goes
+    straight to Gateway.handle; lifespan and /health, /metrics go to Quart."""
+
+    def __init__(self, gateway: Gateway, quart_asgi: Any) -> None:
+        self.gateway = gateway
+        self.quart_asgi = quart_asgi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OWN_PATHS:
+            await self.gateway.handle(scope, receive, send)
+        else:
+            await self.quart_asgi(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    """The gateway as an ASGI app; settings are loaded from the environment when not given."""
+    if settings is None:                              # a Hypercorn worker: configure it fully
+        settings = load_settings(os.environ, Path(".env"))
+        configure_logging(settings.log_level)
+    gateway = Gateway(settings)
+    app = Quart(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=64 * 1024, BODY_TIMEOUT=10, RESPONSE_TIMEOUT=10)
+    app.extensions["gateway"] = gateway
+    app.asgi_app = ProxyRoute(gateway, app.asgi_app)  # type: ignore[method-assign]
+
+    @app.while_serving
+    async def lifecycle() -> Any:
+        await gateway.start()
+        yield
+        await gateway.close()
+
+    @app.get("/health")
+    async def health() -> tuple[dict[str, Any], int]:
+        state = await gateway.health.check()
+        return {
+            "status": "OK" if state.ok else "DEGRADED",
+            "redis_status": "Connected" if state.redis else "Disconnected",
+            "backend_status": "Connected" if state.backend else "Disconnected",
+            "total_requests": gateway.metrics.total_requests,
+            "blocked_requests": gateway.metrics.blocked_requests,
+        }, 200 if state.ok else 503
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = gateway.metrics.render([
+            ("gateway_upstream_in_flight", "gauge", "Requests holding a forwarding slot.",
+             gateway.slots.in_use),
+            ("gateway_upstream_waiting", "gauge", "Requests waiting for a forwarding slot.",
+             gateway.slots.waiting),
+            ("gateway_redis_errors_total", "counter", "Redis failures seen by the limiter.",
+             gateway.limiter.errors),
+            ("gateway_script_reloads_total", "counter", "Lua script reloads after NOSCRIPT.",
+             gateway.limiter.script.reloads),
+        ])
+        return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(err: HTTPException) -> Response:
+        problem = {"type": "about:blank", "title": err.name, "status": err.code,
+                   "detail": err.description}
+        return Response(json.dumps(problem), status=err.code or 500,
+                        content_type="application/problem+json")
+
+    return app

@@ -1,0 +1,83 @@
+"""RateLimiter: one EVALSHA per request decides, counts and reports the window's reset.
+
+Whether a Redis failure admits (fail open) or refuses (fail closed) is decided here only."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .errors import LimiterUnavailable, RateLimited
+from .headers import Header, RateLimitHeaders
+from .scripts import LuaScript
+from .settings import Settings
+
+log = logging.getLogger("proxy.limiter")
+SCRIPT = "fixed_window.v1"
+KEY_TAG = "fw1"                       # names the script version that owns the key layout
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The limiter's answer; `headers` go on every response of the limited path."""
+
+    allowed: bool
+    remaining: int
+    reset: int                         # whole seconds until the window ends, >= 1
+    headers: list[Header] = field(default_factory=list)
+
+
+class RateLimiter:
+    """Fixed-window limit per client, shared by every replica through Redis."""
+
+    def __init__(self, redis: Redis, settings: Settings, script: LuaScript | None = None) -> None:
+        self.redis = redis
+        self.script = script or LuaScript.named(SCRIPT)
+        self.prefix = settings.redis_key_prefix
+        self.limit = settings.rate_limit
+        self.window = settings.time_window
+        self.args = (settings.rate_limit, settings.time_window * 1000)
+        self.fail_open = settings.rate_limit_fail_mode == "open"
+        self.headers = RateLimitHeaders(settings.rate_limit, settings.time_window)
+        self.unknown = Decision(True, settings.rate_limit, settings.time_window,
+                                list(self.headers.fixed))
+        self.errors = 0
+        self.available = True
+
+    def key(self, client: str) -> str:
+        return f"{self.prefix}:{KEY_TAG}:{{{client}}}"
+
+    async def check(self, client: str) -> Decision:
+        """Count this request for `client` and decide; raises LimiterUnavailable (fail closed)."""
+        try:
+            allowed, remaining, ttl_ms = await self.script.run(
+                self.redis, (self.key(client),), self.args)
+        except RedisError as exc:
+            return self._failed(exc)
+        if not self.available:
+            self.available = True
+            log.warning("redis is answering again; rate limits enforced")
+        reset = max(1, math.ceil(ttl_ms / 1000))
+        return Decision(bool(allowed), remaining, reset,
+                        self.headers.for_decision(remaining, reset))
+
+    def reject(self, decision: Decision) -> RateLimited:
+        """The 429 for a refused decision."""
+        return RateLimited(
+            f"Rate limit of {self.limit} requests per {self.window} s exceeded; "
+            f"retry in {decision.reset} s.",
+            retry_after=decision.reset, headers=decision.headers)
+
+    def _failed(self, exc: RedisError) -> Decision:
+        self.errors += 1
+        if self.available:
+            self.available = False
+            log.error("redis unavailable for rate limiting (%s: %s); failing %s",
+                      type(exc).__name__, exc, "open" if self.fail_open else "closed")
+        if self.fail_open:
+            return self.unknown
+        raise LimiterUnavailable("The rate limiter cannot reach its store; try again shortly.",
+                                 retry_after=1) from exc

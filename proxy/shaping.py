@@ -1,0 +1,75 @@
+"""ForwardSlots: caps requests in flight to the upstream (per process), first come first served."""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from .errors import QueueTimeout
+
+Release = Callable[[], None]
+
+
+class ForwardSlots:
+    """A FIFO semaphore with a queue timeout.
+
+    A released slot is handed straight to the oldest waiter, so a newcomer can never overtake
+    the queue; a waiter that times out or is cancelled after being handed a slot passes it on."""
+
+    def __init__(self, capacity: int, queue_timeout: float) -> None:
+        self.capacity = capacity
+        self.queue_timeout = queue_timeout
+        self.in_use = 0
+        self.peak = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self.waiters if not w.done())
+
+    async def acquire(self) -> Release:
+        """Wait for a slot; returns an idempotent release. Raises QueueTimeout after the timeout."""
+        if self.in_use < self.capacity and not self.waiters:
+            self.in_use += 1
+            self.peak = max(self.peak, self.in_use)
+            return self._releaser()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release()                   # handed a slot as we gave up: pass it on
+            else:
+                waiter.cancel()
+                self._drop(waiter)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise QueueTimeout(
+                f"No upstream slot freed within {self.queue_timeout:g} s; try again shortly.",
+                retry_after=max(1, round(self.queue_timeout))) from None
+        return self._releaser()
+
+    def _releaser(self) -> Release:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release()
+        return release
+
+    def _release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)           # the slot changes hands; in_use stays
+                return
+        self.in_use -= 1
+
+    def _drop(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass

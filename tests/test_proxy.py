@@ -1,0 +1,402 @@
+"""The gateway driven from outside over real sockets: forwarding, limits, shaping, errors."""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from proxy.embedded_redis import RedisProcess, free_port
+from tests.servers import closed_port
+
+DEADLINE = 10.0
+
+
+async def eventually(predicate, what: str, deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def raw_exchange(url: str, payload: bytes, deadline: float = DEADLINE) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes (or the deadline)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(payload)
+    await writer.drain()
+    data = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), deadline):
+            data += chunk
+            if b"\r\n\r\n" in data and _complete(data):
+                break
+    finally:
+        writer.close()
+    return data
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+# --- forwarding ------------------------------------------------------------------------------
+
+async def test_request_forwarded_exactly(start_gateway):
+    async with start_gateway() as gw, gw.client() as client:
+        body = b"payload-" * 1000
+        response = await client.request(
+            "PATCH", "/a%2Fb/c%20d;p=1?x=1&x=2&y=%20&z", content=body,
+            headers=[("X-Multi", "one"), ("X-Multi", "two"), ("Content-Type", "application/x-test")])
+    assert response.status_code == 200
+    echo = response.json()
+    assert echo["method"] == "PATCH"
+    assert echo["raw_path"] == "/a%2Fb/c%20d;p=1"
+    assert echo["query"] == "x=1&x=2&y=%20&z"
+    assert echo["body_size"] == len(body)
+    assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    headers = [(n, v) for n, v in echo["headers"]]
+    assert [v for n, v in headers if n == "x-multi"] == ["one", "two"]
+    assert ("content-type", "application/x-test") in headers
+
+
+async def test_host_is_upstream_and_forwarded_headers_are_set(start_gateway, upstream):
+    async with start_gateway() as gw, gw.client() as client:
+        response = await client.get("/echo", headers={"Host": "public.example"})
+    headers = dict((n, v) for n, v in response.json()["headers"])
+    assert headers["host"] == upstream[1].removeprefix("http://")
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-host"] == "public.example"
+
+
+async def test_hop_by_hop_request_headers_are_dropped(start_gateway):
+    async with start_gateway() as gw, gw.client() as client:
+        response = await client.get("/echo", headers={
+            "Connection": "keep-alive, X-Private", "X-Private": "secret", "Keep-Alive": "timeout=5",
+            "Proxy-Connection": "keep-alive", "TE": "trailers", "Trailer": "x", "Upgrade": "foo/1",
+            "Proxy-Authorization": "Basic Zm9vOmJhcg==", "X-Kept": "yes"})
+    names = {n for n, _ in response.json()["headers"]}
+    assert names.isdisjoint({"connection", "x-private", "keep-alive", "proxy-connection", "te",
+                             "trailer", "upgrade", "proxy-authorization", "transfer-encoding"})
+    assert "x-kept" in names
+
+
+async def test_hop_by_hop_response_headers_are_dropped_and_repeats_kept(start_gateway):
+    async with start_gateway() as gw, gw.client() as client:
+        response = await client.get("/hop")
+    names = [n.decode().lower() for n, _ in response.headers.raw]
+    assert {"x-secret-hop", "keep-alive", "proxy-connection", "trailer", "upgrade"}.isdisjoint(names)
+    assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    assert response.headers["x-kept"] == "yes"
+
+
+async def test_compressed_body_passes_through_untouched(start_gateway):
+    async with start_gateway() as gw, gw.client() as client:
+        async with client.stream("GET", "/gzip", headers={"Accept-Encoding": "gzip"}) as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    assert response.headers["content-encoding"] == "gzip"
+    assert raw == gw.upstream.gzip_body
+    assert gzip.decompress(raw).startswith(b'{"compressed": true}')
+
+
+@pytest.mark.parametrize("target", [b"//evil.example/x", b"/@evil.example/x",
+                                    b"http://evil.example/x", b"http://evil.example:80//y"])
+async def test_request_target_cannot_redirect_the_upstream(start_gateway, target):
+    async with start_gateway() as gw:
+        answer = await raw_exchange(
+            gw.url, b"GET " + target + b" HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+    seen = gw.upstream.seen[-1]
+    assert seen.raw_path.startswith(b"/") and b"://" not in seen.raw_path
+    expected_host = gw.gateway.settings.upstream_backend_url.netloc
+    assert seen.header(b"host") == [expected_host]
+
+
+async def test_asterisk_target_is_a_bad_request(start_gateway):
+    async with start_gateway() as gw:
+        answer = await raw_exchange(gw.url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"application/problem+json" in answer
+    assert gw.upstream.seen == []
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+async def test_upload_is_streamed_not_buffered(start_gateway):
+    """The upstream sees the first bytes while the client is still holding back the rest:
+    a gateway that buffered the whole body would deadlock here and time out."""
+    async with start_gateway() as gw, gw.client() as client:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"a" * 65536
+            await asyncio.wait_for(gw.upstream.first_chunk.wait(), DEADLINE)
+            for _ in range(15):
+                yield b"b" * 65536
+        response = await client.post("/upload", content=body())
+    assert response.status_code == 200
+    assert response.json() == {"size": 16 * 65536}
+
+
+async def test_download_is_streamed_not_buffered(start_gateway):
+    async with start_gateway() as gw, gw.client() as client:
+        async with client.stream("GET", "/stream?chunks=4") as response:
+            chunks = response.aiter_raw()
+            first = await asyncio.wait_for(chunks.__anext__(), DEADLINE)
+            assert first == b"first;"               # arrived while the upstream still waits
+            gw.upstream.proceed.set()
+            rest = b"".join([c async for c in chunks])
+    assert rest == b"chunk1;chunk2;chunk3;"
+
+
+async def test_declared_body_over_limit_is_refused_with_413(start_gateway):
+    async with start_gateway(MAX_BODY_SIZE=1000) as gw, gw.client() as client:
+        response = await client.post("/upload", content=b"x" * 1001)
+    assert response.status_code == 413
+    assert response.json()["error"] == "body_too_large"
+    assert gw.upstream.seen == []
+
+
+async def test_streamed_body_over_limit_is_refused_with_413(start_gateway):
+    async with start_gateway(MAX_BODY_SIZE=100_000) as gw, gw.client() as client:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b"x" * 65536
+        response = await client.post("/upload", content=body())
+    assert response.status_code == 413
+    await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
+
+
+# --- rate limiting -----------------------------------------------------------------------------
+
+async def test_limit_enforced_with_headers_on_every_answer(start_gateway):
+    async with start_gateway(RATE_LIMIT=3, TIME_WINDOW=60) as gw, gw.client() as client:
+        responses = [await client.get("/echo") for _ in range(4)]
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    for remaining, response in zip([2, 1, 0, 0], responses):
+        assert response.headers["ratelimit-policy"] == '"default";q=3;w=60'
+        reset = int(response.headers["x-ratelimit-reset"])
+        assert 1 <= reset <= 60
+        assert response.headers["ratelimit"] == f'"default";r={remaining};t={reset}'
+        assert response.headers["x-ratelimit-limit"] == "3"
+        assert response.headers["x-ratelimit-remaining"] == str(remaining)
+    refused = responses[-1]
+    assert refused.headers["content-type"] == "application/problem+json"
+    retry_after = refused.headers["retry-after"]
+    assert retry_after.isdigit() and 1 <= int(retry_after) <= 60
+    problem = refused.json()
+    assert problem["status"] == 429 and problem["title"] and problem["detail"]
+    assert problem["retry_after"] == int(retry_after)
+    assert len(gw.upstream.seen) == 3
+
+
+async def test_distinct_client_addresses_have_distinct_budgets(start_gateway):
+    async with start_gateway(RATE_LIMIT=2) as gw:
+        codes = {}
+        for source in ("127.0.0.2", "127.0.0.3"):
+            async with gw.client(source) as client:
+                codes[source] = [(await client.get("/echo")).status_code for _ in range(3)]
+    assert codes == {"127.0.0.2": [200, 200, 429], "127.0.0.3": [200, 200, 429]}
+
+
+async def test_untrusted_forwarded_headers_buy_no_new_budget(start_gateway):
+    async with start_gateway(RATE_LIMIT=2) as gw, gw.client() as client:
+        codes = [(await client.get("/echo", headers={
+            "X-Forwarded-For": f"203.0.113.{i}", "Forwarded": f"for=198.51.100.{i}"})).status_code
+            for i in range(4)]
+        echo = (await gw.client("127.0.0.4").get("/echo", headers={"X-Forwarded-For": "1.2.3.4"})).json()
+    assert codes == [200, 200, 429, 429]
+    assert dict((n, v) for n, v in echo["headers"])["x-forwarded-for"] == "127.0.0.4"
+
+
+async def test_trusted_proxy_forwarded_for_identifies_clients(start_gateway):
+    async with start_gateway(RATE_LIMIT=1, TRUSTED_PROXIES="127.0.0.0/8") as gw, gw.client() as client:
+        first = await client.get("/echo", headers={"X-Forwarded-For": "203.0.113.7"})
+        again = await client.get("/echo", headers={"X-Forwarded-For": "203.0.113.7"})
+        other = await client.get("/echo", headers={"X-Forwarded-For": "203.0.113.8"})
+    assert [first.status_code, again.status_code, other.status_code] == [200, 429, 200]
+    forwarded = dict((n, v) for n, v in first.json()["headers"])["x-forwarded-for"]
+    assert forwarded == "203.0.113.7, 127.0.0.1"
+
+
+async def test_rejected_requests_do_not_extend_the_window(start_gateway, redis: Redis):
+    async with start_gateway(RATE_LIMIT=1, TIME_WINDOW=60) as gw, gw.client() as client:
+        await client.get("/echo")
+        key = gw.gateway.limiter.key("127.0.0.1")
+        before = await redis.pttl(key)
+        for _ in range(3):
+            assert (await client.get("/echo")).status_code == 429
+        after = await redis.pttl(key)
+    assert 0 < after <= before
+
+
+async def test_script_flush_is_recovered_transparently(start_gateway, redis: Redis):
+    async with start_gateway(RATE_LIMIT=3) as gw, gw.client() as client:
+        assert (await client.get("/echo")).status_code == 200
+        await redis.script_flush()
+        assert (await client.get("/echo")).status_code == 200
+        assert (await client.get("/echo")).headers["x-ratelimit-remaining"] == "0"
+        assert gw.gateway.limiter.script.reloads == 1
+
+
+@pytest.mark.parametrize("mode,status", [("open", 200), ("closed", 503)])
+async def test_redis_down_fails_open_or_closed(start_gateway, make_settings, mode, status):
+    own = RedisProcess(port=free_port())
+    own.start()
+    try:
+        settings = make_settings(REDIS_URL=own.url, RATE_LIMIT_FAIL_MODE=mode, REDIS_TIMEOUT=0.2)
+        async with start_gateway(settings) as gw, gw.client() as client:
+            assert (await client.get("/echo")).status_code == 200
+            own.stop()
+            down = await client.get("/echo")
+            assert down.status_code == status
+            if status == 503:
+                assert down.json()["error"] == "limiter_unavailable"
+                assert down.headers["retry-after"] == "1"
+            assert gw.gateway.limiter.errors >= 1
+            health = await client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["redis_status"] == "Disconnected"
+    finally:
+        own.stop()
+
+
+# --- shaping -----------------------------------------------------------------------------------
+
+async def test_concurrency_cap_is_never_exceeded(start_gateway):
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=3, QUEUE_TIMEOUT=30) as gw, gw.client() as client:
+        tasks = [asyncio.create_task(client.get("/hold")) for _ in range(10)]
+        await eventually(lambda: gw.gateway.slots.waiting == 7 and gw.upstream.in_flight == 3,
+                         "3 requests upstream and 7 queued")
+        gw.upstream.release.set()
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200] * 10
+    assert gw.upstream.max_in_flight == 3
+    assert gw.gateway.slots.in_use == 0 and gw.gateway.slots.peak == 3
+
+
+async def test_queue_timeout_answers_503_with_retry_after(start_gateway):
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1, QUEUE_TIMEOUT=0.2) as gw, gw.client() as client:
+        holder = asyncio.create_task(client.get("/hold"))
+        await eventually(lambda: gw.upstream.in_flight == 1, "the slot to be taken")
+        shed = await client.get("/echo")
+        gw.upstream.release.set()
+        assert (await holder).status_code == 200
+    assert shed.status_code == 503
+    assert shed.json()["error"] == "queue_timeout"
+    assert int(shed.headers["retry-after"]) >= 1
+    assert "x-ratelimit-remaining" in shed.headers
+    assert gw.gateway.slots.in_use == 0 and not gw.gateway.slots.waiters
+
+
+async def test_slot_released_when_client_disconnects_mid_stream(start_gateway):
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1) as gw:
+        async with gw.client() as client:
+            async with client.stream("GET", "/stream") as response:
+                assert await response.aiter_raw().__anext__() == b"first;"
+                assert gw.gateway.slots.in_use == 1
+        # the client is gone while the upstream still holds the stream open
+        await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release after disconnect")
+        async with gw.client() as client:
+            assert (await client.get("/echo")).status_code == 200
+
+
+async def test_slot_released_after_upstream_errors(start_gateway, make_settings):
+    settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{closed_port()}",
+                             MAX_CONCURRENT_REQUESTS=1)
+    async with start_gateway(settings) as gw, gw.client() as client:
+        responses = [await client.get("/x") for _ in range(3)]
+    assert [r.status_code for r in responses] == [502] * 3
+    assert gw.gateway.slots.in_use == 0
+
+
+# --- upstream faults -----------------------------------------------------------------------------
+
+async def test_unreachable_upstream_is_502_problem(start_gateway, make_settings):
+    settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{closed_port()}")
+    async with start_gateway(settings) as gw, gw.client() as client:
+        response = await client.get("/users/1")
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["error"] == "upstream_unreachable"
+    assert "x-ratelimit-remaining" in response.headers
+
+
+async def test_slow_upstream_is_504_problem(start_gateway):
+    async with start_gateway(UPSTREAM_TIMEOUT=0.2) as gw, gw.client() as client:
+        response = await client.get("/slow?delay=5")
+    assert response.status_code == 504
+    assert response.json()["error"] == "upstream_timeout"
+    assert gw.gateway.slots.in_use == 0
+
+
+# --- /health and /metrics -----------------------------------------------------------------------
+
+async def test_health_ok_is_never_limited_nor_forwarded(start_gateway):
+    async with start_gateway(RATE_LIMIT=1) as gw, gw.client() as client:
+        await client.get("/echo")
+        await client.get("/echo")
+        answers = [await client.get("/health") for _ in range(5)]
+    assert {a.status_code for a in answers} == {200}
+    assert answers[-1].json() == {"status": "OK", "redis_status": "Connected",
+                                  "backend_status": "Connected", "total_requests": 2,
+                                  "blocked_requests": 1}
+    assert [s.raw_path for s in gw.upstream.seen].count(b"/health") == 0
+    assert "ratelimit" not in answers[-1].headers
+
+
+async def test_health_degraded_when_backend_down(start_gateway, make_settings):
+    settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{closed_port()}")
+    async with start_gateway(settings) as gw, gw.client() as client:
+        response = await client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "DEGRADED"
+    assert response.json()["backend_status"] == "Disconnected"
+    assert response.json()["redis_status"] == "Connected"
+
+
+async def test_metrics_count_outcomes(start_gateway):
+    async with start_gateway(RATE_LIMIT=2) as gw, gw.client() as client:
+        for _ in range(3):
+            await client.get("/echo")
+        text = (await client.get("/metrics")).text
+    assert 'gateway_requests_total{outcome="forwarded"} 2' in text
+    assert 'gateway_requests_total{outcome="rate_limited"} 1' in text
+    assert "gateway_blocked_requests_total 1" in text
+
+
+# --- hostile or broken clients ------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GE T / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+])
+async def test_malformed_request_gets_4xx_or_close_and_server_survives(start_gateway, payload):
+    async with start_gateway() as gw:
+        answer = await raw_exchange(gw.url, payload)
+        assert answer == b"" or answer[9:10] == b"4"
+        assert gw.upstream.seen == []
+        async with gw.client() as client:
+            assert (await client.get("/echo")).status_code == 200
+
+
+async def test_rate_limited_client_with_unread_body_keeps_connection_usable(start_gateway):
+    async with start_gateway(RATE_LIMIT=1) as gw, gw.client() as client:
+        assert (await client.post("/echo", content=b"x" * 10)).status_code == 200
+        refused = await client.post("/echo", content=b"y" * 200_000)
+        assert refused.status_code == 429
+        assert (await client.get("/health")).status_code == 200
