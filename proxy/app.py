@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app = Quart(__name__)
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, BODY_TIMEOUT=10, RESPONSE_TIMEOUT=10)
     app.extensions["gateway"] = gateway
-    app.asgi_app = ProxyRoute(gateway, app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = ProxyRoute(gateway, app.asgi_app)  # type: ignore[method-assign,assignment]
 
     @app.while_serving
     async def lifecycle() -> Any:

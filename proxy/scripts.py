@@ -36,9 +36,9 @@ class LuaScript:
 
     async def run(self, redis: Redis, keys: Sequence[str], args: Sequence[int]) -> Any:
         try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:                                 # restart, SCRIPT FLUSH, failover
             self.reloads += 1
             log.warning("%s: NOSCRIPT from redis, reloading", self.name)
             await self.load(redis)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)

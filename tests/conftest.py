@@ -40,9 +40,11 @@ async def redis(redis_server: RedisProcess) -> AsyncIterator[Redis]:
 async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
     app = Upstream()
     async with serving(app) as url:
-        yield app, url
-    app.release.set()
-    app.proceed.set()
+        try:
+            yield app, url
+        finally:                               # let held handlers finish before shutdown
+            app.release.set()
+            app.proceed.set()
 
 
 SettingsFactory = Callable[..., Settings]

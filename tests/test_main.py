@@ -68,6 +68,19 @@ async def _wait_health(proc: asyncio.subprocess.Process, url: str) -> None:
     raise AssertionError(f"gateway at {url} not healthy after {DEADLINE}s")
 
 
+async def _wait_refused(url: str) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            return
+        writer.close()
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{url} still accepts connections after SIGTERM")
+
+
 async def wait_exit(proc: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(proc.wait(), DEADLINE)
 
@@ -139,7 +152,7 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path, upstream, redis_
             while upstream[0].in_flight == 0 and time.monotonic() < end:
                 await asyncio.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0)             # let the signal land before the release
+            await _wait_refused(url)           # shutdown has begun: no new connections
             upstream[0].release.set()
             response = await in_flight
         assert response.status_code == 200 and response.text == "held"
@@ -149,6 +162,9 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path, upstream, redis_
 async def test_workers_share_one_limit(tmp_path, upstream, redis_server):
     async with gateway_process(tmp_path, UPSTREAM_BACKEND_URL=upstream[1], REDIS_URL=redis_server.url,
                                GATEWAY_WORKERS=2, RATE_LIMIT=5, REDIS_KEY_PREFIX=f"w{free_port()}") as (proc, url, log):
+        end = time.monotonic() + DEADLINE
+        while sum("Running on" in line for line in log) < 2 and time.monotonic() < end:
+            await asyncio.sleep(0.05)                           # both workers have bound
         limits = httpx.Limits(max_keepalive_connections=0)     # a new connection per request
         async with httpx.AsyncClient(base_url=url, limits=limits) as client:
             responses = await asyncio.gather(*(client.get("/echo") for _ in range(30)))

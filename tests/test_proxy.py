@@ -400,3 +400,57 @@ async def test_rate_limited_client_with_unread_body_keeps_connection_usable(star
         refused = await client.post("/echo", content=b"y" * 200_000)
         assert refused.status_code == 429
         assert (await client.get("/health")).status_code == 200
+
+
+# --- hanging dependencies ----------------------------------------------------------------------
+
+async def _silent_server() -> tuple[asyncio.AbstractServer, int]:
+    """Accepts connections and never answers: a hung Redis or upstream."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()                    # until the peer gives up
+        writer.close()
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_hung_redis_fails_open_fast_and_health_degrades(start_gateway, make_settings):
+    server, port = await _silent_server()
+    async with server:
+        settings = make_settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", REDIS_TIMEOUT=0.2)
+        async with start_gateway(settings) as gw, gw.client() as client:
+            admitted = await client.get("/echo")
+            health = await client.get("/health")
+    assert admitted.status_code == 200
+    assert "ratelimit-policy" in admitted.headers
+    assert health.status_code == 503
+    assert health.json()["redis_status"] == "Disconnected"
+    assert health.json()["backend_status"] == "Connected"
+
+
+async def test_hung_upstream_health_answers_disconnected(start_gateway, make_settings):
+    server, port = await _silent_server()
+    async with server:
+        settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{port}")
+        async with start_gateway(settings) as gw, gw.client() as client:
+            health = await client.get("/health")
+    assert health.status_code == 503
+    assert health.json() == {**health.json(), "status": "DEGRADED", "backend_status": "Disconnected",
+                             "redis_status": "Connected"}
+
+
+async def test_upstream_failure_mid_body_aborts_the_response(start_gateway, make_settings):
+    """Headers already sent: the client must see a broken stream, never a clean short body."""
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(half, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{port}")
+        async with start_gateway(settings) as gw, gw.client() as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/x")
+            await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
+            assert (await client.get("/health")).status_code == 200    # still serving
