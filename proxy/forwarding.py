@@ -4,7 +4,9 @@ httpx's exceptions are translated here: too slow -> UpstreamTimeout (504), anyth
 wire -> UpstreamUnreachable (502)."""
 from __future__ import annotations
 
+import copy
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -19,7 +21,8 @@ from .transport import AiohttpTransport
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 log = logging.getLogger("proxy.forwarding")
-PATH_SAFE = "!$&'()*+,;=:@/%-._~"
+ON_THE_WIRE = re.compile(rb"[\x21\x22\x24-\x7e]*")        # visible ASCII but '#'
+WIRE_SAFE = "!$&'()*+,;=:@/?%-._~[]|{}^`\\\"<>"
 
 
 class ClientDisconnected(Exception):
@@ -71,21 +74,27 @@ class Forwarder:
     def __init__(self, client: httpx.AsyncClient, upstream: httpx.URL, timeout: float) -> None:
         self.client = client
         self.upstream = upstream
-        self.base_path = upstream.raw_path.rstrip(b"/")
+        self.base_path = upstream.raw_path.rstrip(b"/").decode("ascii")
         self.timeout = timeout
 
     def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
         """The upstream URL for a request target. Only the path and query are taken from the
-        client; an absolute-form target loses its scheme and authority, anything else is 400."""
+        client; an absolute-form target loses its scheme and authority, anything else is 400.
+
+        RFC 9110 7.7: a proxy must not rewrite the path it forwards, so the client's bytes are
+        placed into the URL as they are (httpx's parser would drop dot segments); only what
+        cannot go on the wire as is (non-ASCII, '#') is percent-encoded."""
         if not raw_path.startswith(b"/"):
             scheme, sep, rest = raw_path.partition(b"://")
             if not sep or not scheme.isalpha():
                 raise BadRequest("The request target must be an absolute path.")
             raw_path = b"/" + rest.partition(b"/")[2]
-        path = raw_path if raw_path.isascii() else quote_from_bytes(raw_path, PATH_SAFE).encode()
-        if query:
-            path += b"?" + (query if query.isascii() else quote_from_bytes(query, PATH_SAFE + "?").encode())
-        return self.upstream.copy_with(raw_path=self.base_path + path)
+        url = copy.copy(self.upstream)
+        # httpx 0.28 keeps the parsed URL in _uri_reference; pinned in requirements.txt and
+        # covered by tests/test_forwarding.py, so an upgrade that changes it fails loudly
+        url._uri_reference = url._uri_reference._replace(            # noqa: SLF001
+            path=self.base_path + _wire(raw_path), query=_wire(query) if query else None)
+        return url
 
     async def open(self, method: str, url: httpx.URL, headers: list[Header],
                    body: RequestBody | None) -> httpx.Response:
@@ -111,6 +120,13 @@ class Forwarder:
             raise body.too_large_error() from exc
         if body is not None and body.client_gone:
             raise ClientDisconnected("client disconnected during the request body") from exc
+
+
+def _wire(raw: bytes) -> str:
+    """Request-target bytes as URL text: printable ASCII kept, the rest percent-encoded."""
+    if ON_THE_WIRE.fullmatch(raw):
+        return raw.decode("ascii")
+    return quote_from_bytes(raw, WIRE_SAFE)     # controls, space, '#', non-ASCII -> %XX
 
 
 def _reason(exc: BaseException) -> str:

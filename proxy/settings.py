@@ -12,6 +12,9 @@ from typing import Literal, TypeVar, cast
 import httpx
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+SWITCHES = {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 FAIL_MODES = ("open", "closed")
 
@@ -43,6 +46,8 @@ class Settings:
     max_body_size: int
     shutdown_timeout: float
     log_level: str
+    log_format: Literal["text", "json"]
+    access_log: bool
 
 
 def load_settings(environ: Mapping[str, str], dotenv: Path | None = None) -> Settings:
@@ -66,6 +71,8 @@ def load_settings(environ: Mapping[str, str], dotenv: Path | None = None) -> Set
         max_body_size=_parse(raw, "MAX_BODY_SIZE", str(1 << 30), _positive_int),
         shutdown_timeout=_parse(raw, "SHUTDOWN_TIMEOUT", "10", _positive_seconds),
         log_level=_parse(raw, "LOG_LEVEL", "INFO", _log_level),
+        log_format=_parse(raw, "LOG_FORMAT", "text", _log_format),
+        access_log=_parse(raw, "ACCESS_LOG", "on", _switch),
     )
 
 
@@ -84,8 +91,12 @@ def read_dotenv(path: Path | None) -> dict[str, str]:
         key, value = key.strip(), value.strip()
         if not sep or not key.isidentifier():
             raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
+        if value[:1] in ("'", '"'):
+            closing = value.find(value[0], 1)
+            rest = value[closing + 1:].strip() if closing > 0 else "?"
+            if rest and not rest.startswith("#"):
+                raise SettingsError(f"{path}:{number}: unbalanced quotes in {line!r}")
+            value = value[1:closing]
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         values[key] = value
@@ -102,7 +113,7 @@ def _parse(raw: Mapping[str, str], name: str, default: str, parser: Callable[[st
 
 def mask_secrets(url: str) -> str:
     """Hide the password of a URL's userinfo, for messages and logs."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*:).*@", r"\1***@", url, flags=re.I)
 
 
 def _non_empty(value: str) -> str:
@@ -190,3 +201,16 @@ def _log_level(value: str) -> str:
     if value.upper() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
     return value.upper()
+
+
+def _log_format(value: str) -> Literal["text", "json"]:
+    if value.lower() not in LOG_FORMATS:
+        raise ValueError("must be 'text' or 'json'")
+    return cast(Literal["text", "json"], value.lower())
+
+
+def _switch(value: str) -> bool:
+    try:
+        return SWITCHES[value.lower()]
+    except KeyError:
+        raise ValueError("must be on or off (1/0, true/false, yes/no)") from None
