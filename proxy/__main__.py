@@ -4,14 +4,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from hypercorn.config import Config
 from hypercorn.run import run
 
 from .embedded_redis import RedisBinaryNotFound, RedisProcess
-from .logs import configure_logging
+from .logs import configure_from
 from .settings import Settings, SettingsError, load_settings, mask_secrets
 
 log = logging.getLogger("proxy")
@@ -45,7 +48,7 @@ def main() -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_from(settings)
     embedded: RedisProcess | None = None
     if settings.redis_url is None:
         try:
@@ -58,16 +61,29 @@ def main() -> int:
         os.environ["REDIS_URL"] = embedded.url                  # every worker shares it
         log.info("REDIS_URL unset: started embedded redis-server pid=%s at %s (no persistence)",
                  embedded.pid, embedded.url)
+    # set before any worker imports prometheus_client: one scrape then covers every worker
+    metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        log.info("gateway on http://%s:%d -> %s, %d worker(s), limit %d per %d s, redis %s",
-                 settings.gateway_host, settings.gateway_port, settings.upstream_backend_url,
-                 settings.gateway_workers, settings.rate_limit, settings.time_window,
-                 mask_secrets(os.environ["REDIS_URL"]))
+        log.info("configuration: %s", describe(settings, os.environ["REDIS_URL"]))
         return run(hypercorn_config(settings))
     finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if embedded is not None:
             embedded.stop()
             log.info("embedded redis-server stopped")
+
+
+def describe(settings: Settings, redis_url: str) -> str:
+    """The effective configuration on one line, secrets masked."""
+    values = asdict(settings)
+    values["redis_url"] = mask_secrets(redis_url)
+    values["upstream_backend_url"] = str(settings.upstream_backend_url)
+    values["trusted_proxies"] = ",".join(str(n) for n in settings.trusted_proxies) or "-"
+    return " ".join(f"{name.upper()}={value}" for name, value in values.items())
 
 
 if __name__ == "__main__":

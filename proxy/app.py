@@ -11,8 +11,9 @@ from quart import Quart, Response
 
 from werkzeug.exceptions import HTTPException
 
-from .logs import configure_logging
+from .logs import configure_from
 from .gateway import Gateway, Receive, Scope, Send
+from .metrics import CONTENT_TYPE
 from .settings import Settings, load_settings
 
 OWN_PATHS = frozenset({"/health", "/metrics"})
@@ -37,7 +38,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     """The gateway as an ASGI app; settings are loaded from the environment when not given."""
     if settings is None:                              # a Hypercorn worker: configure it fully
         settings = load_settings(os.environ, Path(".env"))
-        configure_logging(settings.log_level)
+        configure_from(settings)
     gateway = Gateway(settings)
     app = Quart(__name__)
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, BODY_TIMEOUT=10, RESPONSE_TIMEOUT=10)
@@ -53,27 +54,18 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/health")
     async def health() -> tuple[dict[str, Any], int]:
         state = await gateway.health.check()
+        total, blocked = gateway.metrics.totals()
         return {
             "status": "OK" if state.ok else "DEGRADED",
             "redis_status": "Connected" if state.redis else "Disconnected",
             "backend_status": "Connected" if state.backend else "Disconnected",
-            "total_requests": gateway.metrics.total_requests,
-            "blocked_requests": gateway.metrics.blocked_requests,
+            "total_requests": total,
+            "blocked_requests": blocked,
         }, 200 if state.ok else 503
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = gateway.metrics.render([
-            ("gateway_upstream_in_flight", "gauge", "Requests holding a forwarding slot.",
-             gateway.slots.in_use),
-            ("gateway_upstream_waiting", "gauge", "Requests waiting for a forwarding slot.",
-             gateway.slots.waiting),
-            ("gateway_redis_errors_total", "counter", "Redis failures seen by the limiter.",
-             gateway.limiter.errors),
-            ("gateway_script_reloads_total", "counter", "Lua script reloads after NOSCRIPT.",
-             gateway.limiter.script.reloads),
-        ])
-        return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(gateway.metrics.render(), content_type=CONTENT_TYPE)
 
     @app.errorhandler(HTTPException)
     async def http_error(err: HTTPException) -> Response:

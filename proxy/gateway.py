@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from .errors import (BadRequest, GatewayError, LimiterUnavailable, QueueTimeout, RateLimited,
@@ -21,6 +26,7 @@ from .headers import Header, strip_hop_by_hop, upstream_request_headers
 from .health import HealthProbe
 from .identity import client_address, is_trusted, normalize
 from .limiter import Decision, RateLimiter
+from .logs import access_log
 from .metrics import Metrics
 from .settings import Settings
 from .shaping import ForwardSlots, Release
@@ -34,8 +40,10 @@ log = logging.getLogger("proxy.gateway")
 OUTCOME_BY_ERROR: dict[type[GatewayError], str] = {
     QueueTimeout: "shed", LimiterUnavailable: "limiter_error", BadRequest: "client_error",
     RequestTooLarge: "client_error", UpstreamUnreachable: "upstream_error",
-    UpstreamTimeout: "upstream_error", GatewayError: "internal_error",
+    UpstreamTimeout: "upstream_error", RateLimited: "rate_limited", GatewayError: "internal_error",
 }
+REQUEST_ID = b"x-request-id"
+SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=~-]{1,128}")
 
 
 def make_redis(settings: Settings) -> Redis:
@@ -46,6 +54,23 @@ def make_redis(settings: Settings) -> Redis:
         socket_connect_timeout=settings.redis_timeout, retry=Retry(NoBackoff(), 0),
         health_check_interval=30)
     return Redis(connection_pool=pool)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, for the access log and the metrics."""
+
+    request_id: bytes
+    client: str
+    method: str
+    path: str
+    start: float
+    status: int = 0
+    outcome: str = "internal_error"
+    decision: Decision | None = None
+    queue: float = 0.0
+    upstream: float = 0.0
+    sent: int = 0
 
 
 class Gateway:
@@ -63,14 +88,17 @@ class Gateway:
         settings = self.settings
         self.redis = self._redis or make_redis(settings)
         self.client = self._client or make_client(settings)
-        self.limiter = RateLimiter(self.redis, settings)
-        self.slots = ForwardSlots(settings.max_concurrent_requests, settings.queue_timeout)
+        self.limiter = RateLimiter(self.redis, settings, metrics=self.metrics)
+        self.slots = ForwardSlots(settings.max_concurrent_requests, settings.queue_timeout,
+                                  observer=self.metrics.slots)
         self.forwarder = Forwarder(self.client, settings.upstream_backend_url, settings.upstream_timeout)
         self.health = HealthProbe(self.redis, self.client, settings.upstream_backend_url)
         try:
             await self.limiter.script.load(self.redis)
-            log.info("loaded %s as %s", self.limiter.script.name, self.limiter.script.sha)
-        except Exception as exc:  # noqa: BLE001 - any failure here is retried on first use
+            info = await self.redis.info("server")
+            log.info("redis %s answering; loaded %s as %s", info.get("redis_version", "?"),
+                     self.limiter.script.name, self.limiter.script.sha)
+        except (RedisError, OSError, RuntimeError) as exc:
             log.warning("redis not ready at startup (%s); scripts load on first use", exc)
 
     async def close(self) -> None:
@@ -83,39 +111,51 @@ class Gateway:
         peer = normalize(scope["client"][0]) if scope.get("client") else "unknown"
         trusted = self.settings.trusted_proxies
         client = client_address(peer, *_forwarding(headers) if trusted else (None, None), trusted)
-        decision: Decision | None = None
+        ex = Exchange(_request_id(headers), client, scope["method"], scope["path"], time.perf_counter())
         try:
-            decision = await self.limiter.check(client)                 # one EVALSHA
+            await self._serve(ex, scope, headers, peer, receive, send)
+        finally:
+            self._finish(ex)
+
+    async def _serve(self, ex: Exchange, scope: Scope, headers: list[Header], peer: str,
+                     receive: Receive, send: Send) -> None:
+        try:
+            asked = time.perf_counter()
+            ex.decision = decision = await self.limiter.check(ex.client)    # one EVALSHA
+            self.metrics.limiter_seconds.observe(time.perf_counter() - asked)
+            if decision is not self.limiter.unknown:
+                self.metrics.decision(decision.allowed, decision.remaining, self.limiter.limit)
             if not decision.allowed:
-                self.metrics.count("rate_limited")
                 raise self.limiter.reject(decision)
             url = self.forwarder.target(scope.get("raw_path") or scope["path"].encode(),
                                         scope["query_string"])
             body = self._body(headers, receive)
-            release = await self.slots.acquire()                       # QueueTimeout -> 503
+            queued = time.perf_counter()
+            release = await self.slots.acquire()                           # QueueTimeout -> 503
+            sent = time.perf_counter()
+            ex.queue = sent - queued
             try:
-                upstream = await self.forwarder.open(                   # 502 / 504
-                    scope["method"], url,
-                    upstream_request_headers(headers, peer=peer,
-                                             scheme=scope["scheme"],
-                                             trust_forwarding=is_trusted(peer, trusted)),
-                    body)
+                outgoing = upstream_request_headers(
+                    headers, peer=peer, scheme=scope["scheme"], request_id=ex.request_id,
+                    trust_forwarding=is_trusted(peer, self.settings.trusted_proxies))
+                upstream = await self.forwarder.open(scope["method"], url, outgoing, body)  # 502/504
             except BaseException:
                 release()
                 raise
+            ex.upstream = time.perf_counter() - sent
         except ClientDisconnected:
-            self.metrics.count("client_closed")
+            ex.outcome, ex.status = "client_closed", 499
             return
         except GatewayError as err:
-            await self._refuse(send, err, decision)
+            await self._refuse(ex, send, err)
             return
         except Exception:  # noqa: BLE001 - the one place a bug becomes a clean 500
             log.exception("unexpected error before the response started")
-            await self._refuse(send, GatewayError("The gateway failed to handle the request."),
-                               decision)
+            await self._refuse(ex, send, GatewayError("The gateway failed to handle the request."))
             return
-        self.metrics.count("forwarded")
-        await relay(upstream, decision.headers, send, receive, body, release)
+        ex.outcome, ex.status = "forwarded", upstream.status_code
+        extra = [*decision.headers, (REQUEST_ID, ex.request_id)]
+        ex.sent = await relay(upstream, extra, send, receive, body, release)
 
     def _body(self, headers: list[Header], receive: Receive) -> RequestBody | None:
         length = chunked = None
@@ -133,33 +173,66 @@ class Gateway:
             return RequestBody(receive, self.settings.max_body_size)
         return None
 
-    async def _refuse(self, send: Send, err: GatewayError, decision: Decision | None) -> None:
+    async def _refuse(self, ex: Exchange, send: Send, err: GatewayError) -> None:
         """Answer with the error; every limited-path answer carries the rate-limit headers."""
-        if not isinstance(err, RateLimited):                            # counted where decided
-            if decision is not None:
-                err.headers.extend(decision.headers)
-            self.metrics.count(OUTCOME_BY_ERROR.get(type(err), "upstream_error"))
-        await _send_error(send, err)
+        if ex.decision is not None and not isinstance(err, RateLimited):
+            err.headers.extend(ex.decision.headers)
+        err.headers.append((REQUEST_ID, ex.request_id))
+        ex.outcome = OUTCOME_BY_ERROR.get(type(err), "internal_error")
+        ex.status, headers, body = err.render()
+        await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        ex.sent = len(body)
+
+    def _finish(self, ex: Exchange) -> None:
+        total = time.perf_counter() - ex.start
+        self.metrics.count(ex.outcome, ex.method, ex.status)
+        self.metrics.request_seconds.labels(ex.outcome).observe(total)
+        if ex.outcome == "forwarded":
+            self.metrics.queue_seconds.observe(ex.queue)
+            self.metrics.upstream_seconds.observe(ex.upstream)
+        if access_log.isEnabledFor(logging.INFO):
+            decision = ex.decision
+            verdict = ("unknown" if decision is None or decision is self.limiter.unknown
+                       else "allowed" if decision.allowed else "limited")
+            fields = {
+                "request_id": ex.request_id.decode("latin-1"), "client": ex.client,
+                "method": ex.method, "path": ex.path, "status": ex.status, "outcome": ex.outcome,
+                "decision": verdict,
+                "remaining": decision.remaining if verdict in ("allowed", "limited") and decision else None,
+                "queue_s": round(ex.queue, 6), "upstream_s": round(ex.upstream, 6),
+                "total_s": round(total, 6), "bytes": ex.sent,
+            }
+            access_log.info(
+                '%(request_id)s %(client)s "%(method)s %(path)s" %(status)s %(outcome)s '
+                "decision=%(decision)s remaining=%(remaining)s queue=%(queue_s).4f "
+                "upstream=%(upstream_s).4f total=%(total_s).4f bytes=%(bytes)s",
+                fields, extra={"fields": fields})
 
 
 async def relay(upstream: httpx.Response, extra: list[Header], send: Send, receive: Receive,
-                body: RequestBody | None, release: Release) -> None:
-    """Stream the upstream response to the client. The slot is held until the last byte is
-    relayed or the client goes away: a watcher closes the upstream as soon as it disconnects."""
+                body: RequestBody | None, release: Release) -> int:
+    """Stream the upstream response to the client; returns the body bytes relayed. The slot is
+    held until the last byte is relayed or the client goes away: a watcher closes the upstream
+    as soon as the client disconnects."""
     watcher: asyncio.Task[None] | None = None
+    sent = 0
     try:
+        headers = [h for h in strip_hop_by_hop(upstream.headers.raw) if h[0] != REQUEST_ID]
         await send({"type": "http.response.start", "status": upstream.status_code,
-                    "headers": strip_hop_by_hop(upstream.headers.raw) + extra})
+                    "headers": headers + extra})
         if body is None or body.complete:
             watcher = asyncio.create_task(_close_on_disconnect(receive, upstream))
         try:
             async for chunk in upstream.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
         except httpx.HTTPError as exc:
             if not (watcher is not None and watcher.done()):
                 log.warning("upstream failed mid-body (%s); aborting the response", exc)
-            return                                   # ends the stream without its last chunk
+            return sent                              # ends the stream without its last chunk
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return sent
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -173,10 +246,12 @@ async def _close_on_disconnect(receive: Receive, upstream: httpx.Response) -> No
     await upstream.aclose()
 
 
-async def _send_error(send: Send, err: GatewayError) -> None:
-    status, headers, body = err.render()
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+def _request_id(headers: list[Header]) -> bytes:
+    """The client's X-Request-ID when it is sane, else a fresh random one."""
+    for name, value in headers:
+        if name == REQUEST_ID and SANE_REQUEST_ID.fullmatch(value):
+            return value
+    return os.urandom(16).hex().encode()
 
 
 def _forwarding(headers: list[Header]) -> tuple[str | None, str | None]:
@@ -189,5 +264,3 @@ def _forwarding(headers: list[Header]) -> tuple[str | None, str | None]:
             fwd.append(value)
     return (b",".join(xff).decode("latin-1") if xff else None,
             b",".join(fwd).decode("latin-1") if fwd else None)
-
-

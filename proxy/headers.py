@@ -31,8 +31,9 @@ def strip_hop_by_hop(headers: Iterable[Header]) -> list[Header]:
 
 
 def upstream_request_headers(headers: Iterable[Header], *, peer: str, scheme: str,
-                             trust_forwarding: bool) -> list[Header]:
-    """What goes upstream: hop-by-hop, Host and Expect removed; X-Forwarded-* set.
+                             trust_forwarding: bool, request_id: bytes | None = None) -> list[Header]:
+    """What goes upstream: hop-by-hop, Host and Expect removed; X-Forwarded-* set; the
+    request's X-Request-ID (when given) replaces the client's.
 
     Forwarding headers from an untrusted peer are dropped rather than extended, so the
     upstream never sees a chain the client invented."""
@@ -42,7 +43,7 @@ def upstream_request_headers(headers: Iterable[Header], *, peer: str, scheme: st
     for name, value in strip_hop_by_hop(headers):
         if name == b"host":
             host = value
-        elif name == b"expect":
+        elif name == b"expect" or (name == b"x-request-id" and request_id is not None):
             continue                                  # 100-continue is ours to answer
         elif name in FORWARDING:
             if not trust_forwarding:
@@ -62,6 +63,8 @@ def upstream_request_headers(headers: Iterable[Header], *, peer: str, scheme: st
     out.append((b"x-forwarded-proto", proto or scheme.encode()))
     if forwarded_host or host:
         out.append((b"x-forwarded-host", forwarded_host or host or b""))
+    if request_id is not None:
+        out.append((b"x-request-id", request_id))
     return out
 
 

@@ -8,10 +8,13 @@ import math
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import LimiterUnavailable, RateLimited
 from .headers import Header, RateLimitHeaders
+from .metrics import Metrics
 from .scripts import LuaScript
 from .settings import Settings
 
@@ -33,9 +36,13 @@ class Decision:
 class RateLimiter:
     """Fixed-window limit per client, shared by every replica through Redis."""
 
-    def __init__(self, redis: Redis, settings: Settings, script: LuaScript | None = None) -> None:
+    def __init__(self, redis: Redis, settings: Settings, script: LuaScript | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.redis = redis
         self.script = script or LuaScript.named(SCRIPT)
+        self.metrics = metrics
+        if metrics is not None:
+            self.script.on_reload = metrics.script_reloads.inc
         self.prefix = settings.redis_key_prefix
         self.limit = settings.rate_limit
         self.window = settings.time_window
@@ -73,6 +80,8 @@ class RateLimiter:
 
     def _failed(self, exc: RedisError) -> Decision:
         self.errors += 1
+        if self.metrics is not None:
+            self.metrics.redis_errors.labels(error_kind(exc)).inc()
         if self.available:
             self.available = False
             log.error("redis unavailable for rate limiting (%s: %s); failing %s",
@@ -81,3 +90,14 @@ class RateLimiter:
             return self.unknown
         raise LimiterUnavailable("The rate limiter cannot reach its store; try again shortly.",
                                  retry_after=1) from exc
+
+
+def error_kind(exc: RedisError) -> str:
+    """A bounded label for a Redis failure."""
+    if isinstance(exc, RedisTimeoutError):
+        return "timeout"
+    if isinstance(exc, RedisConnectionError):
+        return "connection"
+    if isinstance(exc, ResponseError):
+        return "response"
+    return "other"

@@ -1,12 +1,51 @@
-"""Logging set-up shared by the main process and every Hypercorn worker."""
+"""Logging set-up shared by the main process and every Hypercorn worker: text for a terminal,
+JSON lines for log shippers (LOG_FORMAT)."""
 from __future__ import annotations
 
+import json
 import logging
+import time
+from typing import TYPE_CHECKING, Any
 
-FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+if TYPE_CHECKING:
+    from .settings import Settings
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+access_log = logging.getLogger("proxy.access")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=FORMAT, force=True)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; access-log records carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "pid": record.process,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"), default=str)
+
+
+def configure_logging(level: str, fmt: str = "text", access: bool = True) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        formatter = logging.Formatter(TEXT_FORMAT)
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # httpx logs every request at INFO: that is an access log we do not want from a proxy
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    access_log.setLevel(logging.NOTSET if access else logging.WARNING)
+
+
+def configure_from(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)

@@ -1,40 +1,114 @@
-"""Request counters and their Prometheus text exposition (per process)."""
+"""Prometheus metrics for the whole gateway instance.
+
+Under `python -m proxy` PROMETHEUS_MULTIPROC_DIR is always set (before any worker imports
+prometheus_client), so every worker writes its samples to shared files and one scrape of any
+worker shows the sum over all of them. Without it (in-process tests) samples live in memory.
+Labels are bounded: outcome, method (known verbs or OTHER), status class, decision, error kind —
+never a client address or a path."""
 from __future__ import annotations
 
-from collections import Counter
+import os
 from collections.abc import Iterable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 OUTCOMES = ("forwarded", "rate_limited", "shed", "upstream_error", "limiter_error",
             "client_error", "client_closed", "internal_error")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0, 30.0, 60.0)
+NEAR_LIMIT = 0.8                               # share of the quota used that counts as "near"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created doubles the scrape
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
-    """Counts every request of the limited path by outcome."""
+    """Every metric the gateway exports; one instance per process (per app in tests)."""
 
     def __init__(self) -> None:
-        self.outcomes: Counter[str] = Counter()
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "gateway_requests", "Requests on the proxied path, by outcome.",
+            ["outcome", "method", "status_class"], registry=registry)
+        self.decisions = Counter(
+            "gateway_ratelimit_decisions",
+            "Rate-limit decisions: within_limit, near_limit (>= 80% of the quota used), over_limit.",
+            ["policy", "decision"], registry=registry)
+        self.request_seconds = Histogram(
+            "gateway_request_duration_seconds", "Whole request, until the last byte is relayed.",
+            ["outcome"], buckets=BUCKETS, registry=registry)
+        self.upstream_seconds = Histogram(
+            "gateway_upstream_duration_seconds", "From sending upstream to its response headers.",
+            buckets=BUCKETS, registry=registry)
+        self.limiter_seconds = Histogram(
+            "gateway_limiter_duration_seconds", "One limiter decision (an EVALSHA round trip).",
+            buckets=BUCKETS, registry=registry)
+        self.queue_seconds = Histogram(
+            "gateway_queue_wait_seconds", "Time spent waiting for a forwarding slot.",
+            buckets=BUCKETS, registry=registry)
+        self.in_flight = Gauge(
+            "gateway_upstream_in_flight", "Requests holding a forwarding slot.",
+            registry=registry, multiprocess_mode="livesum")
+        self.waiting = Gauge(
+            "gateway_queue_waiting", "Requests waiting for a forwarding slot.",
+            registry=registry, multiprocess_mode="livesum")
+        self.redis_errors = Counter(
+            "gateway_redis_errors", "Redis failures seen by the limiter, by kind.", ["kind"],
+            registry=registry)
+        self.script_reloads = Counter(
+            "gateway_script_reloads", "Lua script reloads after NOSCRIPT.", registry=registry)
 
-    def count(self, outcome: str) -> None:
-        self.outcomes[outcome] += 1
+    def count(self, outcome: str, method: str, status: int) -> None:
+        self.requests.labels(outcome, method if method in METHODS else "OTHER",
+                             f"{status // 100}xx").inc()
 
-    @property
-    def total_requests(self) -> int:
-        return sum(self.outcomes.values())
+    def decision(self, allowed: bool, remaining: int, limit: int) -> None:
+        if not allowed:
+            kind = "over_limit"
+        elif limit - remaining >= NEAR_LIMIT * limit:
+            kind = "near_limit"
+        else:
+            kind = "within_limit"
+        self.decisions.labels("default", kind).inc()
 
-    @property
-    def blocked_requests(self) -> int:
-        return self.outcomes["rate_limited"]
+    def slots(self, in_use: int, waiting: int) -> None:
+        self.in_flight.set(in_use)
+        self.waiting.set(waiting)
 
-    def render(self, extra: Iterable[tuple[str, str, str, float]]) -> str:
-        """Prometheus text format: the outcome counter, then (name, type, help, value) samples."""
-        lines = [
-            "# HELP gateway_requests_total Requests on the limited path, by outcome.",
-            "# TYPE gateway_requests_total counter",
-            *(f'gateway_requests_total{{outcome="{o}"}} {self.outcomes[o]}' for o in OUTCOMES),
-            "# HELP gateway_blocked_requests_total Requests refused with 429.",
-            "# TYPE gateway_blocked_requests_total counter",
-            f"gateway_blocked_requests_total {self.blocked_requests}",
-        ]
-        for name, kind, help_text, value in extra:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
-        return "\n".join(lines) + "\n"
+    def _families(self) -> Iterable[Metric]:
+        directory = multiprocess_dir()
+        if directory is None:
+            return self.registry.collect()
+        families: Iterable[Metric] = MultiProcessCollector(  # type: ignore[no-untyped-call]
+            None, path=directory).collect()
+        return families
+
+    def render(self) -> bytes:
+        """Prometheus text exposition of the whole instance."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+    def totals(self) -> tuple[int, int]:
+        """(all requests, rate-limited requests) over the whole instance, for /health."""
+        total = blocked = 0.0
+        for family in self._families():
+            if family.name != "gateway_requests":
+                continue
+            for sample in family.samples:
+                if sample.name == "gateway_requests_total":
+                    total += sample.value
+                    if sample.labels.get("outcome") == "rate_limited":
+                        blocked += sample.value
+        return int(total), int(blocked)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ class LuaScript:
         self.source = path.read_bytes()
         self.sha = hashlib.sha1(self.source).hexdigest()
         self.reloads = 0
+        self.on_reload: Callable[[], None] | None = None
 
     @classmethod
     def named(cls, name: str) -> LuaScript:
@@ -39,6 +40,8 @@ class LuaScript:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:                                 # restart, SCRIPT FLUSH, failover
             self.reloads += 1
+            if self.on_reload is not None:
+                self.on_reload()
             log.warning("%s: NOSCRIPT from redis, reloading", self.name)
             await self.load(redis)
             return await redis.evalsha(self.sha, len(keys), *keys, *args)

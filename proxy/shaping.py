@@ -8,6 +8,7 @@ from collections.abc import Callable
 from .errors import QueueTimeout
 
 Release = Callable[[], None]
+Observer = Callable[[int, int], None]
 
 
 class ForwardSlots:
@@ -16,25 +17,32 @@ class ForwardSlots:
     A released slot is handed straight to the oldest waiter, so a newcomer can never overtake
     the queue; a waiter that times out or is cancelled after being handed a slot passes it on."""
 
-    def __init__(self, capacity: int, queue_timeout: float) -> None:
+    def __init__(self, capacity: int, queue_timeout: float, observer: Observer | None = None) -> None:
         self.capacity = capacity
         self.queue_timeout = queue_timeout
+        self.observer = observer               # told (in_use, waiting) after every change
         self.in_use = 0
         self.peak = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self.waiters if not w.done())
+        return len(self.waiters)               # served and abandoned waiters leave the deque
+
+    def _changed(self) -> None:
+        if self.observer is not None:
+            self.observer(self.in_use, len(self.waiters))
 
     async def acquire(self) -> Release:
         """Wait for a slot; returns an idempotent release. Raises QueueTimeout after the timeout."""
         if self.in_use < self.capacity and not self.waiters:
             self.in_use += 1
             self.peak = max(self.peak, self.in_use)
+            self._changed()
             return self._releaser()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
+        self._changed()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
@@ -43,6 +51,7 @@ class ForwardSlots:
             else:
                 waiter.cancel()
                 self._drop(waiter)
+                self._changed()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise QueueTimeout(
@@ -65,8 +74,10 @@ class ForwardSlots:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)           # the slot changes hands; in_use stays
+                self._changed()
                 return
         self.in_use -= 1
+        self._changed()
 
     def _drop(self, waiter: asyncio.Future[None]) -> None:
         try:
