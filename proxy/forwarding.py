@@ -9,7 +9,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote_from_bytes
 
 import httpx
@@ -17,7 +17,7 @@ import httpx
 from .errors import BadRequest, RequestTooLarge, UpstreamTimeout, UpstreamUnreachable
 from .headers import Header
 from .settings import Settings
-from .transport import AiohttpTransport
+from .transport import UpstreamTransport
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 log = logging.getLogger("proxy.forwarding")
@@ -60,10 +60,10 @@ class RequestBody:
 
 
 def make_client(settings: Settings) -> httpx.AsyncClient:
-    """The process's one upstream client: aiohttp transport, no redirects, no cookie memory."""
+    """The process's one upstream client: our HTTP/1.1 pool, no redirects, no cookie memory."""
     no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     return httpx.AsyncClient(
-        transport=AiohttpTransport(max_connections=settings.max_concurrent_requests),
+        transport=UpstreamTransport(max_idle=settings.max_concurrent_requests),
         timeout=httpx.Timeout(settings.upstream_timeout), cookies=no_cookies,
         follow_redirects=False, trust_env=False)
 
@@ -73,9 +73,13 @@ class Forwarder:
 
     def __init__(self, client: httpx.AsyncClient, upstream: httpx.URL, timeout: float) -> None:
         self.client = client
+        # the hot path goes straight to the client's transport: AsyncClient.send would add
+        # auth, redirect and cookie handling a proxy must not do (httpx 0.28's attribute)
+        self.transport = cast(httpx.AsyncBaseTransport, getattr(client, "_transport", None))
         self.upstream = upstream
         self.base_path = upstream.raw_path.rstrip(b"/").decode("ascii")
         self.timeout = timeout
+        self.timeouts = {"timeout": httpx.Timeout(timeout).as_dict()}
 
     def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
         """The upstream URL for a request target. Only the path and query are taken from the
@@ -99,10 +103,10 @@ class Forwarder:
     async def open(self, method: str, url: httpx.URL, headers: list[Header],
                    body: RequestBody | None) -> httpx.Response:
         """Send the request; the response's headers are read, its body is left to stream."""
-        request = httpx.Request(method, url, headers=headers,
+        request = httpx.Request(method, url, headers=headers, extensions=self.timeouts,
                                 content=body.__aiter__() if body is not None else None)
         try:
-            return await self.client.send(request, stream=True)
+            return await self.transport.handle_async_request(request)
         except httpx.TimeoutException as exc:
             self._body_fault(body, exc)
             log.warning("upstream timeout: %s %s after %gs (%s)", method, url, self.timeout, _reason(exc))

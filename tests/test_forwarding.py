@@ -1,4 +1,4 @@
-"""Forwarder (target URL, error translation), RequestBody, and the aiohttp transport."""
+"""Forwarder (target URL, error translation), RequestBody, and the upstream transport."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +13,7 @@ import pytest
 from proxy.errors import BadRequest, RequestTooLarge, UpstreamTimeout, UpstreamUnreachable
 from proxy.forwarding import ClientDisconnected, Forwarder, RequestBody, make_client
 from proxy.settings import load_settings
-from proxy.transport import AiohttpTransport
+from proxy.transport import UpstreamTransport
 from tests.servers import closed_port
 from tests.upstream import Upstream
 
@@ -256,7 +256,7 @@ async def test_open_reports_client_disconnect_not_upstream_error() -> None:
 
 async def test_transport_closed_port_raises_connect_error_not_timeout() -> None:
     port = closed_port()
-    async with httpx.AsyncClient(transport=AiohttpTransport(), timeout=30) as client:
+    async with httpx.AsyncClient(transport=UpstreamTransport(), timeout=30) as client:
         with pytest.raises(httpx.ConnectError) as info:
             await client.send(httpx.Request("GET", f"http://127.0.0.1:{port}/"))
     assert not isinstance(info.value, httpx.TimeoutException)
@@ -273,7 +273,7 @@ async def test_forwarder_to_closed_port_is_upstream_unreachable() -> None:
 
 @pytest.fixture
 async def transport_client() -> Any:
-    async with httpx.AsyncClient(transport=AiohttpTransport(), timeout=30) as client:
+    async with httpx.AsyncClient(transport=UpstreamTransport(), timeout=30) as client:
         yield client
 
 
