@@ -11,6 +11,7 @@ slow to answer -> ReadTimeout, broken or malformed answer -> RemoteProtocolError
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -21,6 +22,7 @@ import httpx
 
 MAX_HEAD = 64 * 1024                   # status line + headers of one response
 MAX_CHUNK_LINE = 4096
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 HIGH_WATER = 256 * 1024                # stop reading the socket past this much unconsumed
 NO_BODY_STATUS = frozenset({204, 304})
 SKIP_REQUEST_HEADERS = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
@@ -116,13 +118,18 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()                    # unsent body: never wait to flush it
+            else:
+                self.transport.close()
 
     # -- response ----------------------------------------------------------------------------
     async def read_head(self, timeout: float | None) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
         """Status, version, reason and headers of the next response head."""
         while True:
             end = self.buffer.find(b"\r\n\r\n")
+            if end > MAX_HEAD:
+                raise httpx.RemoteProtocolError("upstream response head too large")
             if end >= 0:
                 head = bytes(self.buffer[:end])
                 del self.buffer[:end + 4]
@@ -211,12 +218,9 @@ class _Connection(asyncio.Protocol):
                     self.chunk_state = DONE
                 continue
             size = line.split(b";", 1)[0].strip()
-            try:
-                self.remaining = int(size, 16)
-            except ValueError:
-                raise httpx.RemoteProtocolError("malformed chunk size from upstream") from None
-            if not size.isalnum() or self.remaining < 0:
+            if not CHUNK_SIZE.fullmatch(size):             # no '0x', signs or '_' (smuggling)
                 raise httpx.RemoteProtocolError("malformed chunk size from upstream")
+            self.remaining = int(size, 16)
             self.chunk_state = DATA if self.remaining else TRAILER
 
 
@@ -229,7 +233,8 @@ def _parse_head(head: bytes) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes
     lines = head.split(b"\r\n")
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit() \
+            or code[:1] == b"0":
         raise httpx.RemoteProtocolError(f"malformed status line from upstream: {lines[0][:80]!r}")
     headers = []
     for line in lines[1:]:
@@ -273,6 +278,17 @@ class _ResponseStream(httpx.AsyncByteStream):
         self.timeout = timeout
         self.sender = sender
         self.released = False
+
+    @property
+    def buffered_all(self) -> bool:
+        """The whole body is already in memory: relaying it cannot wait on the upstream."""
+        conn = self.conn
+        return conn.mode == NONE or (conn.mode == LENGTH and len(conn.buffer) >= conn.remaining)
+
+    @property
+    def done(self) -> bool:
+        """The last body byte has been handed out."""
+        return self.conn.body_done
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn = self.conn
@@ -332,6 +348,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             head.append(b"transfer-encoding: chunked\r\n")
         head.append(b"\r\n")
         data = b"".join(head)
+        lines = 2 + (len(head) - 5) // 4 + (has_body and length is None)   # one CRLF per line
+        if data.count(b"\r\n") != lines or data.count(b"\r") != lines \
+                or data.count(b"\n") != lines or b"\0" in data:
+            raise httpx.LocalProtocolError("line break or NUL in the request line or a header")
 
         reused, conn = self._take()
         if conn is None:
@@ -380,7 +400,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and not conn.eof and now - conn.last_used < self.keepalive_expiry:
+            if not conn.closed and not conn.eof and not conn.buffer \
+                    and now - conn.last_used < self.keepalive_expiry:
                 return True, conn
             conn.close()
         return False, None
