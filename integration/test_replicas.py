@@ -295,7 +295,9 @@ async def test_script_flush_mid_run_keeps_the_limit_exact(
     assert sorted(int(o.remaining) for o in outcomes if o.status == 200 and o.remaining) \
         == list(range(50))
     assert_limit_responses(outcomes, 60)
-    assert sum(reloads) >= 2                  # each flush was followed by at least one NOSCRIPT
+    # the first flush meets clients still under the limit (NOSCRIPT, reload); after the budget is
+    # spent, refusals come from each replica's deny cache and never reach Redis
+    assert sum(reloads) >= 1
     ttls = await keys_and_ttls(redis_url, key_prefix)
     assert list(ttls) == [key(key_prefix, CLIENT)] and all(t > 0 for t in ttls.values()), ttls
 
@@ -307,7 +309,9 @@ async def test_redis_restart_fail_open(replicas: Replicas, upstream: CountingUps
     """Fail open: while Redis is down requests are admitted (and nothing answers 5xx); when it
     is back (empty: no persistence), every replica enforces the limit again without a restart,
     and every key the gateways wrote carries a TTL."""
-    group = await replicas.start(3, upstream=upstream.url, RATE_LIMIT=5, TIME_WINDOW=60,
+    # the budget must outlast the run-up: a client refused before the outage would stay refused
+    # through it (each replica remembers refusals until the window ends, by design)
+    group = await replicas.start(3, upstream=upstream.url, RATE_LIMIT=40, TIME_WINDOW=60,
                                  RATE_LIMIT_FAIL_MODE="open")
     pids = [r.process.pid for r in group]
     clients = [r.client(CLIENT) for r in group]
@@ -316,8 +320,8 @@ async def test_redis_restart_fail_open(replicas: Replicas, upstream: CountingUps
     try:
         run = asyncio.create_task(load(clients, 3000, "/api/open", concurrency=4,
                                        results=outcomes, stop=stop))
-        await until(lambda: sum(o.status == 429 for o in outcomes) >= 3,
-                    "the client to be refused before the outage")
+        await until(lambda: sum(o.status == 200 for o in outcomes) >= 10,
+                    "the limiter to admit requests before the outage")
         redis_source.stop()
         stopped = time.monotonic()
         await until(lambda: sum(o.sent >= stopped for o in outcomes) >= 30,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -15,12 +16,33 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .errors import LimiterUnavailable, RateLimited
 from .headers import Header, RateLimitHeaders
 from .metrics import Metrics
+from .pipeline import Pipeline
 from .scripts import LuaScript
 from .settings import Settings
 
 log = logging.getLogger("proxy.limiter")
 SCRIPT = "fixed_window.v1"
 KEY_TAG = "fw1"                       # names the script version that owns the key layout
+DENY_CACHE_SIZE = 65536               # refused clients remembered per process (~10 MiB at most)
+DENY_MARGIN = 0.01                    # seconds a local refusal ends before the Redis window
+
+
+class DenyCache(dict[str, float]):
+    """Refused clients and the monotonic time their window ends, bounded in size: when full,
+    lapsed entries go first, then the oldest."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def add(self, client: str, until: float) -> None:
+        if len(self) >= self.capacity and client not in self:
+            now = time.monotonic()
+            for lapsed in [c for c, t in self.items() if t <= now]:
+                del self[lapsed]
+            while len(self) >= self.capacity:
+                del self[next(iter(self))]
+        self[client] = until
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +58,7 @@ class Decision:
 class RateLimiter:
     """Fixed-window limit per client, shared by every replica through Redis."""
 
-    def __init__(self, redis: Redis, settings: Settings, script: LuaScript | None = None,
+    def __init__(self, redis: Redis | Pipeline, settings: Settings, script: LuaScript | None = None,
                  metrics: Metrics | None = None) -> None:
         self.redis = redis
         self.script = script or LuaScript.named(SCRIPT)
@@ -53,12 +75,25 @@ class RateLimiter:
                                 list(self.headers.fixed))
         self.errors = 0
         self.available = True
+        self.denied = DenyCache(DENY_CACHE_SIZE)
+        self.local_denials = 0
 
     def key(self, client: str) -> str:
         return f"{self.prefix}:{KEY_TAG}:{{{client}}}"
 
     async def check(self, client: str) -> Decision:
-        """Count this request for `client` and decide; raises LimiterUnavailable (fail closed)."""
+        """Count this request for `client` and decide; raises LimiterUnavailable (fail closed).
+
+        A client Redis has refused is refused locally until its window ends: in a fixed window
+        the count only grows until the key expires, so no replica could decide otherwise."""
+        asked = time.monotonic()
+        until = self.denied.get(client)
+        if until is not None:
+            if until > asked:
+                self.local_denials += 1
+                reset = math.ceil(until - asked)
+                return Decision(False, 0, reset, self.headers.for_decision(0, reset))
+            del self.denied[client]
         try:
             allowed, remaining, ttl_ms = await self.script.run(
                 self.redis, (self.key(client),), self.args)
@@ -67,6 +102,10 @@ class RateLimiter:
         if not self.available:
             self.available = True
             log.warning("redis is answering again; rate limits enforced")
+        if not allowed:
+            # from before the call, less a margin for Redis's cached clock: the local entry
+            # lapses no later than the Redis key
+            self.denied.add(client, asked + ttl_ms / 1000 - DENY_MARGIN)
         reset = max(1, math.ceil(ttl_ms / 1000))
         return Decision(bool(allowed), remaining, reset,
                         self.headers.for_decision(remaining, reset))

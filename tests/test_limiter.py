@@ -316,3 +316,57 @@ async def test_enforcement_resumes_when_redis_returns(own_redis: RedisProcess,
     finally:
         await client.aclose()
         replacement.stop()
+
+
+# --- local deny cache ----------------------------------------------------------------------------
+
+async def evalsha_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_refused_client_is_refused_locally_until_the_window_ends(
+        redis: Redis, make_settings: SettingsFactory) -> None:
+    limiter = RateLimiter(redis, make_settings(RATE_LIMIT=2, TIME_WINDOW=1))
+    assert [(await limiter.check("c")).allowed for _ in range(3)] == [True, True, False]
+    before = await evalsha_calls(redis)
+    refusals = [await limiter.check("c") for _ in range(20)]
+    assert await evalsha_calls(redis) == before            # not one more round trip
+    assert all(not d.allowed and d.remaining == 0 and 1 <= d.reset <= 1 for d in refusals)
+    assert limiter.local_denials == 20
+    end = time.monotonic() + 10
+    while not (await limiter.check("c")).allowed:          # the window ends: Redis decides again
+        assert time.monotonic() < end, "never admitted again"
+        await asyncio.sleep(0.02)
+    assert await evalsha_calls(redis) > before
+
+
+async def test_local_refusal_never_outlives_the_redis_window(
+        redis: Redis, make_settings: SettingsFactory) -> None:
+    limiter = RateLimiter(redis, make_settings(RATE_LIMIT=1, TIME_WINDOW=60))
+    await limiter.check("c")
+    await limiter.check("c")
+    pttl = await redis.pttl(key("c"))
+    assert limiter.denied["c"] - time.monotonic() <= pttl / 1000
+
+
+async def test_other_clients_are_not_refused_by_the_cache(
+        redis: Redis, make_settings: SettingsFactory) -> None:
+    limiter = RateLimiter(redis, make_settings(RATE_LIMIT=1, TIME_WINDOW=60))
+    await limiter.check("a")
+    assert not (await limiter.check("a")).allowed
+    assert (await limiter.check("b")).allowed
+
+
+def test_deny_cache_is_bounded_dropping_lapsed_then_oldest() -> None:
+    from proxy.limiter import DenyCache
+    cache = DenyCache(3)
+    now = time.monotonic()
+    cache.add("old", now + 100)
+    cache.add("lapsed", now - 1)
+    cache.add("mid", now + 100)
+    cache.add("new", now + 100)                            # full: the lapsed entry goes
+    assert set(cache) == {"old", "mid", "new"}
+    cache.add("newer", now + 100)                          # none lapsed: the oldest goes
+    assert set(cache) == {"mid", "new", "newer"}
+    assert len(cache) == 3
