@@ -4,6 +4,7 @@ httpx's exceptions are translated here: too slow -> UpstreamTimeout (504), anyth
 wire -> UpstreamUnreachable (502)."""
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import re
@@ -39,6 +40,7 @@ class RequestBody:
         self.complete = False
         self.too_large = False
         self.client_gone = False
+        self.received_at_drain = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while not self.complete:
@@ -54,6 +56,23 @@ class RequestBody:
             self.complete = not message.get("more_body", False)
             if chunk:
                 yield chunk
+
+    async def drain(self, limit: int = 1 << 20, timeout: float = 5.0) -> None:
+        """Read and discard what the upstream did not read (it answered early), so the client's
+        connection can carry its next request; past `limit` bytes or `timeout` seconds, give up
+        and let the server close it."""
+        async def discard() -> None:
+            while not self.complete and self.received <= self.received_at_drain + limit:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    return
+                self.received += len(message.get("body", b""))
+                self.complete = not message.get("more_body", False)
+        self.received_at_drain = self.received
+        try:
+            await asyncio.wait_for(discard(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
     def too_large_error(self) -> RequestTooLarge:
         return RequestTooLarge(f"The request body exceeds the gateway's limit of {self.limit} bytes.")

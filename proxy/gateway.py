@@ -28,6 +28,7 @@ from .identity import client_address, is_trusted, normalize
 from .limiter import Decision, RateLimiter
 from .logs import access_log
 from .metrics import Metrics
+from .pipeline import Pipeline
 from .settings import Settings
 from .shaping import ForwardSlots, Release
 
@@ -88,7 +89,8 @@ class Gateway:
         settings = self.settings
         self.redis = self._redis or make_redis(settings)
         self.client = self._client or make_client(settings)
-        self.limiter = RateLimiter(self.redis, settings, metrics=self.metrics)
+        self.pipeline = Pipeline(self.redis)
+        self.limiter = RateLimiter(self.pipeline, settings, metrics=self.metrics)
         self.slots = ForwardSlots(settings.max_concurrent_requests, settings.queue_timeout,
                                   observer=self.metrics.slots)
         self.forwarder = Forwarder(self.client, settings.upstream_backend_url, settings.upstream_timeout)
@@ -103,6 +105,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.pipeline.aclose()
         await self.redis.aclose()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -213,31 +216,37 @@ class Gateway:
 async def relay(upstream: httpx.Response, extra: list[Header], send: Send, receive: Receive,
                 body: RequestBody | None, release: Release) -> int:
     """Stream the upstream response to the client; returns the body bytes relayed. The slot is
-    held until the last byte is relayed or the client goes away: a watcher closes the upstream
-    as soon as the client disconnects."""
+    held until the last byte is relayed or the client goes away: unless the whole body is
+    already in memory, a watcher closes the upstream as soon as the client disconnects."""
     watcher: asyncio.Task[None] | None = None
+    stream = upstream.stream
     sent = 0
     try:
         headers = [h for h in strip_hop_by_hop(upstream.headers.raw) if h[0] != REQUEST_ID]
         await send({"type": "http.response.start", "status": upstream.status_code,
                     "headers": headers + extra})
-        if body is None or body.complete:
+        if not getattr(stream, "buffered_all", False) and (body is None or body.complete):
             watcher = asyncio.create_task(_close_on_disconnect(receive, upstream))
+        finished = False
         try:
-            async for chunk in upstream.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async for chunk in stream:                   # type: ignore[union-attr]
+                finished = getattr(stream, "done", False)  # saves an empty closing message
+                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
                 sent += len(chunk)
         except httpx.HTTPError as exc:
             if not (watcher is not None and watcher.done()):
                 log.warning("upstream failed mid-body (%s); aborting the response", exc)
             return sent                              # ends the stream without its last chunk
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not finished:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         return sent
     finally:
         if watcher is not None:
             watcher.cancel()
         await upstream.aclose()
         release()
+        if body is not None and not body.complete:
+            await body.drain()                       # the upstream answered before reading it
 
 
 async def _close_on_disconnect(receive: Receive, upstream: httpx.Response) -> None:

@@ -10,6 +10,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from .pipeline import Pipeline
+
+Store = Redis | Pipeline
+
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 log = logging.getLogger("proxy.scripts")
 
@@ -28,14 +32,14 @@ class LuaScript:
     def named(cls, name: str) -> LuaScript:
         return cls(LUA_DIR / f"{name}.lua")
 
-    async def load(self, redis: Redis) -> None:
+    async def load(self, redis: Store) -> None:
         sha = await redis.script_load(self.source)
         if isinstance(sha, bytes):
             sha = sha.decode()
         if sha != self.sha:
             raise RuntimeError(f"{self.name}: server SHA {sha} differs from local {self.sha}")
 
-    async def run(self, redis: Redis, keys: Sequence[str], args: Sequence[int]) -> Any:
+    async def run(self, redis: Store, keys: Sequence[str], args: Sequence[int]) -> Any:
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:                                 # restart, SCRIPT FLUSH, failover
