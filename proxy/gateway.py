@@ -5,6 +5,7 @@ much as the Redis round trip); /health, /metrics and the lifecycle stay in Quart
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -102,6 +103,9 @@ class Gateway:
                      self.limiter.script.name, self.limiter.script.sha)
         except (RedisError, OSError, RuntimeError) as exc:
             log.warning("redis not ready at startup (%s); scripts load on first use", exc)
+        # everything built so far lives as long as the process: keep it out of the collector's
+        # full passes, which otherwise walk the whole Quart/httpx/redis object graph
+        gc.freeze()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -125,7 +129,8 @@ class Gateway:
         try:
             asked = time.perf_counter()
             ex.decision = decision = await self.limiter.check(ex.client)    # one EVALSHA
-            self.metrics.limiter_seconds.observe(time.perf_counter() - asked)
+            if not decision.local:
+                self.metrics.limiter_seconds.observe(time.perf_counter() - asked)
             if decision is not self.limiter.unknown:
                 self.metrics.decision(decision.allowed, decision.remaining, self.limiter.limit)
             if not decision.allowed:
@@ -189,8 +194,7 @@ class Gateway:
 
     def _finish(self, ex: Exchange) -> None:
         total = time.perf_counter() - ex.start
-        self.metrics.count(ex.outcome, ex.method, ex.status)
-        self.metrics.request_seconds.labels(ex.outcome).observe(total)
+        self.metrics.count(ex.outcome, ex.method, ex.status, total)
         if ex.outcome == "forwarded":
             self.metrics.queue_seconds.observe(ex.queue)
             self.metrics.upstream_seconds.observe(ex.upstream)

@@ -53,6 +53,7 @@ class Decision:
     remaining: int
     reset: int                         # whole seconds until the window ends, >= 1
     headers: list[Header] = field(default_factory=list)
+    local: bool = False                # answered from the deny cache, without Redis
 
 
 class RateLimiter:
@@ -92,7 +93,7 @@ class RateLimiter:
             if until > asked:
                 self.local_denials += 1
                 reset = math.ceil(until - asked)
-                return Decision(False, 0, reset, self.headers.for_decision(0, reset))
+                return Decision(False, 0, reset, self.headers.for_decision(0, reset), local=True)
             del self.denied[client]
         try:
             allowed, remaining, ttl_ms = await self.script.run(

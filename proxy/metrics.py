@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -65,10 +66,21 @@ class Metrics:
             registry=registry)
         self.script_reloads = Counter(
             "gateway_script_reloads", "Lua script reloads after NOSCRIPT.", registry=registry)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._decisions = {kind: self.decisions.labels("default", kind)
+                           for kind in ("within_limit", "near_limit", "over_limit")}
 
-    def count(self, outcome: str, method: str, status: int) -> None:
-        self.requests.labels(outcome, method if method in METHODS else "OTHER",
-                             f"{status // 100}xx").inc()
+    def count(self, outcome: str, method: str, status: int, seconds: float) -> None:
+        """One finished request: its outcome counter and its duration."""
+        key = (outcome, method, status // 100)
+        children = self._children.get(key)
+        if children is None:                  # labels() is slow; the label sets are few
+            children = self._children[key] = (
+                self.requests.labels(outcome, method if method in METHODS else "OTHER",
+                                     f"{status // 100}xx"),
+                self.request_seconds.labels(outcome))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def decision(self, allowed: bool, remaining: int, limit: int) -> None:
         if not allowed:
@@ -77,7 +89,7 @@ class Metrics:
             kind = "near_limit"
         else:
             kind = "within_limit"
-        self.decisions.labels("default", kind).inc()
+        self._decisions[kind].inc()
 
     def slots(self, in_use: int, waiting: int) -> None:
         self.in_flight.set(in_use)
