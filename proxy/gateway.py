@@ -18,6 +18,7 @@ import httpx
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from .errors import (BadRequest, GatewayError, LimiterUnavailable, QueueTimeout, RateLimited,
@@ -54,7 +55,10 @@ def make_redis(settings: Settings) -> Redis:
         settings.redis_url or "", max_connections=max(16, settings.max_concurrent_requests * 2),
         timeout=settings.redis_timeout, socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout, retry=Retry(NoBackoff(), 0),
-        health_check_interval=30)
+        health_check_interval=30,
+        # redis-py 8 skips its is-the-socket-still-open check while this is "auto": a Redis
+        # restart would then fail one command per pooled connection
+        maint_notifications_config=MaintNotificationsConfig(enabled=False))
     return Redis(connection_pool=pool)
 
 
@@ -234,13 +238,20 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
         finished = False
         try:
             async for chunk in stream:                   # type: ignore[union-attr]
-                finished = getattr(stream, "done", False)  # saves an empty closing message
+                # the last chunk ends the response itself, unless an upload is still coming
+                finished = getattr(stream, "done", False) and (body is None or body.complete)
                 await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
                 sent += len(chunk)
         except httpx.HTTPError as exc:
             if not (watcher is not None and watcher.done()):
                 log.warning("upstream failed mid-body (%s); aborting the response", exc)
             return sent                              # ends the stream without its last chunk
+        if body is not None and not body.complete:
+            # the upstream answered without reading the whole upload: read the rest before the
+            # response ends, or the server closes the client's keep-alive connection
+            await upstream.aclose()
+            release()
+            await body.drain()
         if not finished:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return sent
@@ -249,8 +260,6 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
             watcher.cancel()
         await upstream.aclose()
         release()
-        if body is not None and not body.complete:
-            await body.drain()                       # the upstream answered before reading it
 
 
 async def _close_on_disconnect(receive: Receive, upstream: httpx.Response) -> None:

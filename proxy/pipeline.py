@@ -20,68 +20,116 @@ from redis.exceptions import RedisError, ResponseError
 log = logging.getLogger("proxy.pipeline")
 
 
+class _Link:
+    """One connection and the calls waiting for its replies, in the order they were written."""
+
+    def __init__(self, conn: AbstractConnection) -> None:
+        self.conn = conn
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.reader: asyncio.Task[None] | None = None
+        self.broken = False
+
+    def usable(self) -> bool:
+        """Connected, and (when idle) not closed by the server in the meantime."""
+        if self.broken or not self.conn.is_connected:
+            return False
+        reader = self.conn._reader                          # noqa: SLF001 - redis-py 8's stream
+        return bool(self.pending) or reader is None or not reader.at_eof()
+
+    def fail(self, error: RedisError) -> None:
+        """Fail every call in flight and close the connection; nothing is reused after."""
+        self.broken = True
+        pending, self.pending = self.pending, deque()
+        for waiter in pending:
+            if not waiter.done():
+                waiter.set_exception(type(error)(str(error)))
+        if self.reader is not None and self.reader is not asyncio.current_task():
+            self.reader.cancel()
+        asyncio.ensure_future(self.conn.disconnect(nowait=True))
+
+
 class Pipeline:
     """evalsha() and script_load() with the signatures of redis-py's client."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.conn: AbstractConnection | None = None
-        self.connecting: asyncio.Future[AbstractConnection] | None = None
-        self.pending: deque[asyncio.Future[Any]] = deque()
-        self.reader: asyncio.Task[None] | None = None
+        self.link: _Link | None = None
+        self.connecting: asyncio.Future[_Link] | None = None
+        self.closed = False
+
+    @property
+    def conn(self) -> AbstractConnection | None:
+        """The connection calls currently go to, if any."""
+        return self.link.conn if self.link is not None else None
+
+    @property
+    def pending(self) -> deque[asyncio.Future[Any]]:
+        """Calls written and waiting for their replies."""
+        return self.link.pending if self.link is not None else deque()
 
     async def script_load(self, source: bytes) -> Any:
         return await self.redis.script_load(source)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        conn = self.conn if self.conn is not None and self.conn.is_connected else await self._connect()
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        writer = conn._writer                              # noqa: SLF001 - redis-py 8's stream
+        link = self.link
+        if link is None or not link.usable():
+            link = await self._connect()
+        writer = link.conn._writer                          # noqa: SLF001 - redis-py 8's stream
         try:
             if writer is None:
                 raise OSError("not connected")
             # written whole and in call order, never awaited in between: replies match pending
-            writer.writelines(conn.pack_command("EVALSHA", sha, numkeys, *keys_and_args))
-        except OSError as exc:                             # closed under us
-            self._drop(conn, RedisConnectionError(f"redis connection lost: {exc}"))
-            raise RedisConnectionError(f"redis connection lost: {exc}") from exc
-        self.pending.append(reply)
-        if self.reader is None or self.reader.done():
-            self.reader = asyncio.create_task(self._read(conn))
+            writer.writelines(link.conn.pack_command("EVALSHA", sha, numkeys, *keys_and_args))
+        except OSError as exc:                              # closed under us
+            error = RedisConnectionError(f"redis connection lost: {exc}")
+            self._forget(link, error)
+            raise error from exc
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        link.pending.append(reply)
+        if link.reader is None or link.reader.done():
+            link.reader = asyncio.create_task(self._read(link))
         return await reply
 
-    async def _connect(self) -> AbstractConnection:
-        if self.connecting is not None:
-            shared: AbstractConnection = await asyncio.shield(self.connecting)
-            return shared
-        self.connecting = asyncio.get_running_loop().create_future()
+    async def _connect(self) -> _Link:
+        """The current link, opening one if needed; concurrent callers share one attempt, and
+        a caller cancelled meanwhile does not cancel it for the others."""
+        if self.closed:
+            raise RedisConnectionError("pipeline closed")
+        if self.link is not None and not self.link.usable():
+            self._forget(self.link, RedisConnectionError("redis connection closed by the server"))
+        if self.link is not None:
+            return self.link
+        if self.connecting is None:
+            self.connecting = asyncio.ensure_future(self._open())
+        return await asyncio.shield(self.connecting)
+
+    async def _open(self) -> _Link:
         try:
             conn: AbstractConnection = self.redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            await conn.connect()  # type: ignore[no-untyped-call]
-        except BaseException as exc:
-            error = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
-            self.connecting.set_exception(error)
-            self.connecting.exception()                      # retrieved: waiters re-raise it
-            raise error from exc
-        else:
-            self.conn = conn
-            self.connecting.set_result(conn)
-            return conn
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+            except BaseException:
+                await conn.disconnect(nowait=True)
+                raise
+            self.link = _Link(conn)
+            return self.link
+        except OSError as exc:
+            raise RedisConnectionError(str(exc)) from exc
         finally:
             self.connecting = None
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        """Match replies to calls in order while any call waits."""
-        while self.pending and conn is self.conn:
+    async def _read(self, link: _Link) -> None:
+        """Match replies to calls in order while any call waits on this link."""
+        while link.pending and not link.broken:
             try:
-                reply: Any = await conn.read_response()    # socket_timeout bounds each read
+                reply: Any = await link.conn.read_response()   # socket_timeout bounds each read
             except ResponseError as exc:                   # an error reply: this call's alone
                 reply = exc
             except (RedisError, OSError) as exc:           # the connection is done for
-                self._drop(conn, exc if isinstance(exc, RedisError)
-                           else RedisConnectionError(str(exc)))
+                self._forget(link, exc if isinstance(exc, RedisError)
+                             else RedisConnectionError(str(exc)))
                 return
-            waiter = self.pending.popleft()
+            waiter = link.pending.popleft()
             if waiter.done():
                 continue                                   # its caller was cancelled
             if isinstance(reply, ResponseError):
@@ -89,19 +137,14 @@ class Pipeline:
             else:
                 waiter.set_result(reply)
 
-    def _drop(self, conn: AbstractConnection, error: RedisError) -> None:
-        """Fail every call in flight on `conn` and forget it; the next call reconnects."""
-        if self.conn is conn:
-            self.conn = None
-        pending, self.pending = self.pending, deque()
-        for waiter in pending:
-            if not waiter.done():
-                waiter.set_exception(type(error)(str(error)))
-        asyncio.ensure_future(conn.disconnect(nowait=True))
+    def _forget(self, link: _Link, error: RedisError) -> None:
+        if self.link is link:
+            self.link = None
+        link.fail(error)
 
     async def aclose(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-        if self.conn is not None:
-            await self.conn.disconnect(nowait=True)
-            self.conn = None
+        self.closed = True
+        if self.link is not None:
+            link, self.link = self.link, None
+            link.fail(RedisConnectionError("pipeline closed"))
+            await link.conn.disconnect(nowait=True)
