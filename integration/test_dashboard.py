@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from integration.test_deploy_files import environment, gateway_services, services
 from proxy import metrics as metrics_module
 from proxy.metrics import Metrics
 
@@ -158,23 +159,6 @@ def targets() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
 def exprs() -> Iterator[tuple[str, str]]:
     for panel, target in targets():
         yield panel["title"], target["expr"]
-
-
-def services() -> dict[str, dict[str, Any]]:
-    return load_yaml(COMPOSE)["services"]
-
-
-def gateway_services() -> dict[str, dict[str, Any]]:
-    """As in test_deploy_files: built from this repo and not overriding the entrypoint."""
-    return {name: svc for name, svc in services().items()
-            if "build" in svc and "entrypoint" not in svc and "command" not in svc}
-
-
-def environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
 
 
 def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
