@@ -34,7 +34,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.backlog = 1024
     config.h11_max_incomplete_size = 32 * 1024         # request line + headers
     config.h2_max_inbound_frame_size = 64 * 1024
-    config.max_app_queue_size = 10                      # body chunks buffered per request
+    config.max_app_queue_size = 4                       # body chunks (<= 64 KiB) buffered per request
     config.include_server_header = False                # the upstream's Server/Date pass through
     config.include_date_header = False
     config.accesslog = None
