@@ -46,6 +46,7 @@ OUTCOME_BY_ERROR: dict[type[GatewayError], str] = {
     UpstreamTimeout: "upstream_error", RateLimited: "rate_limited", GatewayError: "internal_error",
 }
 REQUEST_ID = b"x-request-id"
+CLOSE = (b"connection", b"close")
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=~-]{1,128}")
 
 
@@ -74,6 +75,7 @@ class Exchange:
     status: int = 0
     outcome: str = "internal_error"
     decision: Decision | None = None
+    body: RequestBody | None = None
     queue: float = 0.0
     upstream: float = 0.0
     sent: int = 0
@@ -131,6 +133,7 @@ class Gateway:
     async def _serve(self, ex: Exchange, scope: Scope, headers: list[Header], peer: str,
                      receive: Receive, send: Send) -> None:
         try:
+            ex.body = body = self._body(headers, receive)
             asked = time.perf_counter()
             ex.decision = decision = await self.limiter.check(ex.client)    # one EVALSHA
             if not decision.local:
@@ -141,7 +144,6 @@ class Gateway:
                 raise self.limiter.reject(decision)
             url = self.forwarder.target(scope.get("raw_path") or scope["path"].encode(),
                                         scope["query_string"])
-            body = self._body(headers, receive)
             queued = time.perf_counter()
             release = await self.slots.acquire()                           # QueueTimeout -> 503
             sent = time.perf_counter()
@@ -178,9 +180,12 @@ class Gateway:
                 chunked = value
         if length is not None and chunked is not None:
             # RFC 9112 6.3: ambiguous framing is the stuff of request smuggling; refuse it
-            raise BadRequest("Content-Length and Transfer-Encoding must not both be sent.")
+            raise BadRequest("Content-Length and Transfer-Encoding must not both be sent.",
+                             headers=[CLOSE])
         if length is not None and length.isdigit() and int(length) > self.settings.max_body_size:
-            raise RequestBody(receive, self.settings.max_body_size).too_large_error()
+            error = RequestBody(receive, self.settings.max_body_size).too_large_error()
+            error.headers.append(CLOSE)                                 # never read that much
+            raise error
         if chunked is not None or (length is not None and length != b"0"):
             return RequestBody(receive, self.settings.max_body_size)
         return None
@@ -190,6 +195,12 @@ class Gateway:
         if ex.decision is not None and not isinstance(err, RateLimited):
             err.headers.extend(ex.decision.headers)
         err.headers.append((REQUEST_ID, ex.request_id))
+        upload = ex.body
+        if upload is not None and not upload.complete and not upload.client_gone:
+            # an unread upload would wedge the connection: read it (bounded) or close after
+            await upload.drain()
+            if not upload.complete:
+                err.headers.append(CLOSE)
         ex.outcome = OUTCOME_BY_ERROR.get(type(err), "internal_error")
         ex.status, headers, body = err.render()
         await send({"type": "http.response.start", "status": ex.status, "headers": headers})

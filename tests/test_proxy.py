@@ -444,3 +444,12 @@ async def test_upstream_failure_mid_body_aborts_the_response(start_gateway, make
                 await client.get("/x")
             await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
             assert (await client.get("/health")).status_code == 200    # still serving
+
+
+async def test_refused_upload_over_the_drain_cap_closes_instead_of_hanging(start_gateway):
+    async with start_gateway(RATE_LIMIT=1) as gw, gw.client() as client:
+        assert (await client.get("/echo")).status_code == 200
+        refused = await client.post("/echo", content=b"z" * (3 << 20))
+        assert refused.status_code == 429
+        assert refused.headers.get("connection") == "close"
+        assert (await client.get("/health")).status_code == 200    # on a new connection
