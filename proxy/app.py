@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from quart import Quart, Response
-
 from werkzeug.exceptions import HTTPException
 
-from .logs import configure_from
 from .gateway import Gateway, Receive, Scope, Send
+from .logs import configure_from
 from .metrics import CONTENT_TYPE
 from .settings import Settings, load_settings
 
