@@ -22,6 +22,7 @@ from .transport import UpstreamTransport
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 log = logging.getLogger("proxy.forwarding")
+DRAIN_LIMIT = 1 << 20                          # unread upload bytes worth reading to keep a connection
 ON_THE_WIRE = re.compile(rb"[\x21\x22\x24-\x7e]*")        # visible ASCII but '#'
 WIRE_SAFE = "!$&'()*+,;=:@/?%-._~[]|{}^`\\\"<>"
 
@@ -33,14 +34,14 @@ class ClientDisconnected(Exception):
 class RequestBody:
     """The ASGI request body as an async iterator, enforcing the size limit as it streams."""
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive, limit: int, length: int | None = None) -> None:
         self.receive = receive
         self.limit = limit
+        self.length = length                   # declared Content-Length; None when chunked
         self.received = 0
         self.complete = False
         self.too_large = False
         self.client_gone = False
-        self.received_at_drain = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while not self.complete:
@@ -57,18 +58,24 @@ class RequestBody:
             if chunk:
                 yield chunk
 
-    async def drain(self, limit: int = 1 << 20, timeout: float = 5.0) -> None:
-        """Read and discard what the upstream did not read (it answered early), so the client's
-        connection can carry its next request; past `limit` bytes or `timeout` seconds, give up
-        and let the server close it."""
+    @property
+    def drainable(self) -> bool:
+        """Whether the unread rest is known and small enough to read and throw away."""
+        return self.complete or (self.length is not None
+                                 and self.length - self.received <= DRAIN_LIMIT)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Read and discard what nobody read (the upstream answered early, or the gateway
+        refused), so the client's connection can carry its next request. Callers check
+        `drainable` first and answer `Connection: close` otherwise; past `timeout` seconds
+        this gives up and the server closes the connection."""
         async def discard() -> None:
-            while not self.complete and self.received <= self.received_at_drain + limit:
+            while not self.complete:
                 message = await self.receive()
                 if message["type"] == "http.disconnect":
                     return
                 self.received += len(message.get("body", b""))
                 self.complete = not message.get("more_body", False)
-        self.received_at_drain = self.received
         try:
             await asyncio.wait_for(discard(), timeout)
         except asyncio.TimeoutError:

@@ -187,7 +187,8 @@ class Gateway:
             error.headers.append(CLOSE)                                 # never read that much
             raise error
         if chunked is not None or (length is not None and length != b"0"):
-            return RequestBody(receive, self.settings.max_body_size)
+            declared = int(length) if length is not None and length.isdigit() else None
+            return RequestBody(receive, self.settings.max_body_size, declared)
         return None
 
     async def _refuse(self, ex: Exchange, send: Send, err: GatewayError) -> None:
@@ -197,8 +198,9 @@ class Gateway:
         err.headers.append((REQUEST_ID, ex.request_id))
         upload = ex.body
         if upload is not None and not upload.complete and not upload.client_gone:
-            # an unread upload would wedge the connection: read it (bounded) or close after
-            await upload.drain()
+            # an unread upload would wedge the connection: read a small rest, else close after
+            if upload.drainable:
+                await upload.drain()
             if not upload.complete:
                 err.headers.append(CLOSE)
         ex.outcome = OUTCOME_BY_ERROR.get(type(err), "internal_error")
@@ -242,6 +244,8 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
     sent = 0
     try:
         headers = [h for h in strip_hop_by_hop(upstream.headers.raw) if h[0] != REQUEST_ID]
+        if body is not None and not body.drainable:
+            headers.append(CLOSE)                    # the upload may outlive the answer
         await send({"type": "http.response.start", "status": upstream.status_code,
                     "headers": headers + extra})
         if not getattr(stream, "buffered_all", False) and (body is None or body.complete):
@@ -257,7 +261,7 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
             if not (watcher is not None and watcher.done()):
                 log.warning("upstream failed mid-body (%s); aborting the response", exc)
             return sent                              # ends the stream without its last chunk
-        if body is not None and not body.complete:
+        if body is not None and not body.complete and body.drainable:
             # the upstream answered without reading the whole upload: read the rest before the
             # response ends, or the server closes the client's keep-alive connection
             await upstream.aclose()
