@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from hypercorn.run import run
 from .embedded_redis import RedisBinaryNotFound, RedisProcess
 from .logs import configure_from
 from .settings import Settings, SettingsError, load_settings, mask_secrets
+from .tempdirs import private_tempdir
 
 log = logging.getLogger("proxy")
 
@@ -64,7 +64,7 @@ def main() -> int:
     # set before any worker imports prometheus_client: one scrape then covers every worker
     metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        metrics_dir = str(private_tempdir("metrics"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         log.info("configuration: %s", describe(settings, os.environ["REDIS_URL"]))

@@ -14,11 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+
+from .tempdirs import private_tempdir
 
 __all__ = [
     "RedisBinaryNotFound",
@@ -191,7 +192,7 @@ class RedisProcess:
         if self._proc is not None:
             raise RuntimeError("RedisProcess already started")
         binary = self._binary if self._binary is not None else find_redis_server()
-        self._tmpdir = Path(tempfile.mkdtemp(prefix="gateway-redis-"))
+        self._tmpdir = private_tempdir("redis")
         try:
             self._proc = subprocess.Popen(
                 self._command(binary),

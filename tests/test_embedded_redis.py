@@ -150,7 +150,7 @@ def test_start_failure_cleans_up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         created.append(path)
         return path
 
-    monkeypatch.setattr("proxy.embedded_redis.tempfile.mkdtemp", recording_mkdtemp)
+    monkeypatch.setattr("proxy.tempdirs.tempfile.mkdtemp", recording_mkdtemp)
 
     proc = RedisProcess(port=free_port(), binary=str(bogus))
     with pytest.raises(RuntimeError, match="exited with code 1"):
