@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
-Header = tuple[bytes, bytes]
+from .headers import Header
 
 
 class GatewayError(Exception):
