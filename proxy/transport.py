@@ -20,16 +20,15 @@ from typing import Any
 
 import httpx
 
+from .http1 import CHUNKED, LENGTH, NONE, UNTIL_CLOSE, framing, parse_head
+
 MAX_HEAD = 64 * 1024                   # status line + headers of one response
 MAX_CHUNK_LINE = 4096
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 HIGH_WATER = 256 * 1024                # stop reading the socket past this much unconsumed
-NO_BODY_STATUS = frozenset({204, 304})
 SKIP_REQUEST_HEADERS = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
 CONNECT_ERRORS = (OSError, ssl.SSLError)
 
-# body framing of a response
-NONE, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
 # chunked decoder states
 SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
 
@@ -133,7 +132,7 @@ class _Connection(asyncio.Protocol):
             if end >= 0:
                 head = bytes(self.buffer[:end])
                 del self.buffer[:end + 4]
-                return _parse_head(head)
+                return parse_head(head)
             if len(self.buffer) > MAX_HEAD:
                 raise httpx.RemoteProtocolError("upstream response head too large")
             if self.eof:
@@ -227,46 +226,6 @@ class _Connection(asyncio.Protocol):
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(httpx.ReadTimeout("upstream did not answer in time"))
-
-
-def _parse_head(head: bytes) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
-    lines = head.split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
-    code, _, reason = rest.partition(b" ")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit() \
-            or code[:1] == b"0":
-        raise httpx.RemoteProtocolError(f"malformed status line from upstream: {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
-            raise httpx.RemoteProtocolError(f"malformed header line from upstream: {line[:80]!r}")
-        headers.append((name, value.strip(b" \t")))
-    return int(code), version, reason, headers
-
-
-def _framing(method: bytes, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[int, int, bool]:
-    """(body mode, length, connection reusable) of a response, per RFC 9112 6.3."""
-    lengths: set[bytes] = set()
-    chunked = closing = has_te = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
-        elif lower == b"transfer-encoding":
-            has_te = True
-            chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        elif lower == b"connection":
-            closing = closing or b"close" in value.lower()
-    if method == b"HEAD" or status in NO_BODY_STATUS or status < 200:
-        return NONE, 0, not closing
-    if has_te:
-        return (CHUNKED, 0, not closing) if chunked else (UNTIL_CLOSE, 0, False)
-    if lengths:
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-            raise httpx.RemoteProtocolError("invalid Content-Length from upstream")
-        return LENGTH, int(next(iter(lengths))), not closing
-    return UNTIL_CLOSE, 0, False
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -378,7 +337,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                     break                                 # 1xx interim answers are skipped
             if status == 101:
                 raise httpx.RemoteProtocolError("upstream switched protocols unasked")
-            mode, length, reusable = _framing(method, status, headers)
+            mode, length, reusable = framing(method, status, headers)
         except BaseException as exc:
             if sender is not None:
                 sender.cancel()
