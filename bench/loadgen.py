@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.upstream import new_event_loop
+from bench.upstream import BAD, BODY, CHUNK_SIZE, HEAD, MAX_HEAD, MORE, BodySkipper, new_event_loop
 
-MAX_HEAD = 64 * 1024
 LOOPBACK_PREFIXES = ("127.", "localhost", "::1", "[::1]")
 
 
@@ -172,7 +171,6 @@ def merge_results(parts: list[tuple[LoadResult, Histogram]]) -> LoadResult:
 
 # -- the client --------------------------------------------------------------------------------
 
-HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER = range(6)
 
 
 class Run:
@@ -229,7 +227,7 @@ class Run:
             self.drained.set()
 
 
-class Client(asyncio.Protocol):
+class Client(asyncio.Protocol, BodySkipper):
     """One keep-alive connection sending the same request back to back."""
 
     def __init__(self, run: Run, lost: asyncio.Future[None]) -> None:
@@ -275,40 +273,14 @@ class Client(asyncio.Protocol):
                 del buf[:end + 4]
                 if self.state == HEAD:
                     self.complete()
-            elif self.state in (BODY, CHUNK_DATA):
-                n = min(len(buf), self.left)
-                del buf[:n]
-                self.left -= n
-                if self.left:
-                    return
-                if self.state == BODY:
-                    self.complete()
-                else:
-                    self.state = CHUNK_CRLF
-            elif self.state == CHUNK_CRLF:
-                if len(buf) < 2:
-                    return
-                del buf[:2]
-                self.state = CHUNK_SIZE
             else:
-                end = buf.find(b"\r\n")
-                if end < 0:
+                outcome = self.skip_body(buf)
+                if outcome == MORE:
                     return
-                line = bytes(buf[:end])
-                del buf[:end + 2]
-                if self.state == TRAILER:
-                    if not line:
-                        self.complete()
-                    continue
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
+                if outcome == BAD:
                     self.fail("protocol")
                     return
-                if size == 0:
-                    self.state = TRAILER
-                else:
-                    self.state, self.left = CHUNK_DATA, size
+                self.complete()
 
     def parse_head(self, head: bytes) -> bool:
         """Status and framing of a response head; sets the state for its body."""

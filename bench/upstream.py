@@ -38,9 +38,58 @@ NOT_FOUND = response(b"404 Not Found", b"not found\n")
 BAD_REQUEST = response(b"400 Bad Request", b"bad request\n", close=True)
 
 HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER = range(6)
+MORE, DONE, BAD = range(3)
 
 
-class UpstreamProtocol(asyncio.Protocol):
+class BodySkipper:
+    """Discards a message body framed by Content-Length (state BODY, `left` bytes) or chunked
+    encoding (state CHUNK_SIZE); shared by this upstream (request bodies) and the load
+    generator (response bodies)."""
+
+    state: int
+    left: int
+
+    def skip_body(self, buf: bytearray) -> int:
+        """Consume body bytes from `buf`: DONE once the body has ended (state back to HEAD),
+        MORE when more bytes are needed, BAD when the chunked framing is malformed."""
+        while True:
+            if self.state in (BODY, CHUNK_DATA):
+                n = min(len(buf), self.left)
+                del buf[:n]
+                self.left -= n
+                if self.left:
+                    return MORE
+                if self.state == BODY:
+                    self.state = HEAD
+                    return DONE
+                self.state = CHUNK_CRLF
+            elif self.state == CHUNK_CRLF:
+                if len(buf) < 2:
+                    return MORE
+                del buf[:2]
+                self.state = CHUNK_SIZE
+            else:                                   # CHUNK_SIZE or TRAILER: one line
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return BAD if len(buf) > MAX_HEAD else MORE
+                line = bytes(buf[:end])
+                del buf[:end + 2]
+                if self.state == TRAILER:
+                    if not line:
+                        self.state = HEAD
+                        return DONE
+                    continue
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    return BAD
+                if size == 0:
+                    self.state = TRAILER
+                else:
+                    self.left, self.state = size, CHUNK_DATA
+
+
+class UpstreamProtocol(asyncio.Protocol, BodySkipper):
     """One connection: parses requests (pipelining allowed), discards bodies, answers constants."""
 
     def __init__(self) -> None:
@@ -82,42 +131,14 @@ class UpstreamProtocol(asyncio.Protocol):
                 if not self._parse_head(head):
                     self._fail()
                     return
-            elif self.state in (BODY, CHUNK_DATA):
-                n = min(len(buf), self.left)
-                del buf[:n]
-                self.left -= n
-                if self.left:
+            else:
+                outcome = self.skip_body(buf)
+                if outcome == MORE:
                     return
-                if self.state == BODY:
-                    self._respond()
-                else:
-                    self.state = CHUNK_CRLF
-            elif self.state == CHUNK_CRLF:
-                if len(buf) < 2:
-                    return
-                del buf[:2]
-                self.state = CHUNK_SIZE
-            else:                                   # CHUNK_SIZE or TRAILER: one line
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        self._fail()
-                    return
-                line = bytes(buf[:end])
-                del buf[:end + 2]
-                if self.state == TRAILER:
-                    if not line:
-                        self._respond()
-                    continue
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
+                if outcome == BAD:
                     self._fail()
                     return
-                if size == 0:
-                    self.state = TRAILER
-                else:
-                    self.left, self.state = size, CHUNK_DATA
+                self._respond()
 
     def _parse_head(self, head: bytes) -> bool:
         lines = head.split(b"\r\n")
