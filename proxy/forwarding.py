@@ -82,7 +82,12 @@ class RequestBody:
             pass
 
     def too_large_error(self) -> RequestTooLarge:
-        return RequestTooLarge(f"The request body exceeds the gateway's limit of {self.limit} bytes.")
+        return body_too_large(self.limit)
+
+
+def body_too_large(limit: int) -> RequestTooLarge:
+    """The 413 for a body over `limit` bytes, declared or streamed."""
+    return RequestTooLarge(f"The request body exceeds the gateway's limit of {limit} bytes.")
 
 
 def make_client(settings: Settings) -> httpx.AsyncClient:

@@ -23,7 +23,7 @@ from redis.retry import Retry
 
 from .errors import (BadRequest, GatewayError, LimiterUnavailable, QueueTimeout, RateLimited,
                      RequestTooLarge, UpstreamTimeout, UpstreamUnreachable)
-from .forwarding import ClientDisconnected, Forwarder, RequestBody, make_client
+from .forwarding import ClientDisconnected, Forwarder, RequestBody, body_too_large, make_client
 from .headers import Header, strip_hop_by_hop, upstream_request_headers
 from .health import HealthProbe
 from .identity import client_address, is_trusted, normalize
@@ -183,7 +183,7 @@ class Gateway:
             raise BadRequest("Content-Length and Transfer-Encoding must not both be sent.",
                              headers=[CLOSE])
         if length is not None and length.isdigit() and int(length) > self.settings.max_body_size:
-            error = RequestBody(receive, self.settings.max_body_size).too_large_error()
+            error = body_too_large(self.settings.max_body_size)
             error.headers.append(CLOSE)                                 # never read that much
             raise error
         if chunked is not None or (length is not None and length != b"0"):
