@@ -29,6 +29,7 @@ What each test proves:
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections import Counter
@@ -318,13 +319,26 @@ async def test_redis_restart_fail_open(replicas: Replicas, upstream: CountingUps
     clients = [r.client(CLIENT) for r in group]
     outcomes: list[Outcome] = []
     stop = asyncio.Event()
+    gate = asyncio.Event()
+    gate.set()
+    stopped = math.inf
+
+    async def outage_after_ten_admitted(n: int) -> None:
+        # decided on each response, not by polling: at ~1,000 responses/s a poll interval lets
+        # the run-up spend the whole budget, and a replica refused before the outage would
+        # answer from its deny cache through it without ever meeting the dead Redis
+        nonlocal stopped
+        if gate.is_set() and stopped == math.inf and sum(o.status == 200 for o in outcomes) >= 10:
+            gate.clear()                     # no new request starts; those in flight go on
+            await asyncio.to_thread(redis_source.stop)
+            stopped = time.monotonic()
+            gate.set()
+
     try:
         run = asyncio.create_task(load(clients, 3000, "/api/open", concurrency=4,
-                                       results=outcomes, stop=stop))
-        await until(lambda: sum(o.status == 200 for o in outcomes) >= 10,
-                    "the limiter to admit requests before the outage")
-        redis_source.stop()
-        stopped = time.monotonic()
+                                       results=outcomes, stop=stop, gate=gate,
+                                       on_result=outage_after_ten_admitted))
+        await until(lambda: stopped < math.inf, "the limiter to admit requests before the outage")
         await until(lambda: sum(o.sent >= stopped for o in outcomes) >= 30,
                     "30 responses during the outage")
         restarting = time.monotonic()
@@ -441,12 +455,23 @@ async def test_sigkill_of_one_replica_mid_run(replicas: Replicas, upstream: Coun
         async def all_held() -> bool:
             return bool((await upstream.counts())["in_flight"] == 6)
         await until(all_held, "the victim's 6 requests to be held at the upstream")
+        gate = asyncio.Event()
+        gate.set()
+        killed: list[tuple[int, int]] = []      # (survivor responses so far, exit status)
+
+        async def kill_after_ten(n: int) -> None:
+            # on the 10th response itself, not by polling: 90 fast requests can all finish
+            # within one poll interval
+            if n == 10:
+                gate.clear()                 # no new request starts; those in flight go on
+                killed.append((n, await asyncio.to_thread(victim.process.kill)))
+                gate.set()
+
         run = asyncio.create_task(load(clients, 90, "/api/kill", concurrency=6,
-                                       results=outcomes, replica_ids=[0, 1]))
-        await until(lambda: len(outcomes) >= 10 or run.done(), "10 responses from the survivors")
-        assert not run.done(), "the load ended before the kill"
-        killed_after = len(outcomes)
-        status = victim.process.kill()
+                                       results=outcomes, replica_ids=[0, 1], gate=gate,
+                                       on_result=kill_after_ten))
+        await until(lambda: killed, "10 responses from the survivors, then the kill")
+        killed_after, status = killed[0]
         lost = await asyncio.wait_for(asyncio.gather(*held), WAIT_DEADLINE)
         probe = await call(victim_client, victim.index, "/api/kill")
         await run
