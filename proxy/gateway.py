@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import re
 import time
+from random import getrandbits
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -288,7 +288,9 @@ def _request_id(headers: list[Header]) -> bytes:
     for name, value in headers:
         if name == REQUEST_ID and SANE_REQUEST_ID.fullmatch(value):
             return value
-    return os.urandom(16).hex().encode()
+    # a correlation id, not a secret (clients may pick their own): Python's PRNG, reseeded
+    # after fork, costs no system call, unlike os.urandom (~4% of a refused request)
+    return b"%032x" % getrandbits(128)
 
 
 def _forwarding(headers: list[Header]) -> tuple[str | None, str | None]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, generate_latest)
+                               disable_created_metrics, generate_latest, values)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -25,6 +25,27 @@ NEAR_LIMIT = 0.8                               # share of the quota used that co
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created doubles the scrape
+
+
+class _Pid:
+    """This process's id, cached and renewed after fork. In multiprocess mode prometheus-client
+    asks for the pid on every increment (to notice a fork) and os.getpid() is a system call:
+    with a histogram observation costing two increments, that was ~7% of a refused request."""
+    value = os.getpid()
+
+    @classmethod
+    def renew(cls) -> None:
+        cls.value = os.getpid()
+
+    @classmethod
+    def get(cls) -> int:
+        return cls.value
+
+
+os.register_at_fork(after_in_child=_Pid.renew)
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # the same value class prometheus-client picks for itself in this mode, minus the syscall
+    values.ValueClass = values.MultiProcessValue(process_identifier=_Pid.get)  # type: ignore[no-untyped-call]
 
 
 def multiprocess_dir() -> str | None:

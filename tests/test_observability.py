@@ -6,7 +6,11 @@ import json
 import logging
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +22,8 @@ from proxy.logs import JsonFormatter
 from tests.servers import closed_port
 from tests.test_main import gateway_process, wait_exit
 from tests.test_proxy import eventually
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -174,6 +180,33 @@ async def test_one_scrape_covers_every_worker(tmp_path, upstream, redis_server):
     assert {(h["total_requests"], h["blocked_requests"]) for h in healths} == {(25, 15)}
 
 
+def test_multiprocess_samples_follow_a_fork(tmp_path):
+    """The pid prometheus-client files samples under is cached (os.getpid() is a syscall per
+    increment); a forked child must still write its own file, and the scrape sums both."""
+    script = textwrap.dedent(f"""
+        import os
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(tmp_path)!r}
+        from proxy.metrics import Metrics
+        metrics = Metrics()
+        metrics.count("forwarded", "GET", 200, 0.01)
+        child = os.fork()
+        if child == 0:
+            metrics.count("forwarded", "GET", 200, 0.01)
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        print(os.getpid(), child)
+        print(metrics.render().decode())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    head, _, text = done.stdout.partition("\n")
+    parent, child = head.split()
+    assert {p.name for p in tmp_path.glob("counter_*.db")} == {f"counter_{parent}.db",
+                                                              f"counter_{child}.db"}
+    assert total(samples(text), "gateway_requests_total", outcome="forwarded") == 2
+
+
 # --- access log and request ids ------------------------------------------------------------------
 
 async def test_access_log_line_has_every_field(start_gateway, caplog):
@@ -221,6 +254,12 @@ async def test_missing_or_insane_request_id_is_replaced(start_gateway, sent):
     rid = response.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", rid)
     assert dict((n, v) for n, v in response.json()["headers"])["x-request-id"] == rid
+
+
+async def test_generated_request_ids_are_distinct(start_gateway):
+    async with start_gateway(RATE_LIMIT=5) as gw, gw.client() as client:
+        ids = [(await client.get("/echo")).headers["x-request-id"] for _ in range(20)]
+    assert len(set(ids)) == 20 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
 async def test_gateway_errors_carry_the_request_id(start_gateway):
