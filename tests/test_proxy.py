@@ -202,7 +202,25 @@ async def test_limit_enforced_with_headers_on_every_answer(start_gateway):
     problem = refused.json()
     assert problem["status"] == 429 and problem["title"] and problem["detail"]
     assert problem["retry_after"] == int(retry_after)
+    assert "cache-control" not in refused.headers       # RFC 6585: a 429 is never stored anyway
     assert len(gw.upstream.seen) == 3
+
+
+async def test_refusals_with_different_retry_delays_get_their_own_bodies(start_gateway, redis):
+    """Problem bodies are encoded once per distinct answer: the cache must not hand one
+    client's retry delay to another."""
+    async with start_gateway(RATE_LIMIT=1, TIME_WINDOW=600) as gw:
+        refused = []
+        for source, ttl_ms in (("127.0.0.2", 600_000), ("127.0.0.3", 300_000)):
+            async with gw.client(source) as client:
+                assert (await client.get("/echo")).status_code == 200
+                await redis.pexpire(gw.gateway.limiter.key(source), ttl_ms)
+                refused.append(await client.get("/echo"))
+    assert [int(r.headers["retry-after"]) for r in refused] == [600, 300]
+    for response, delay in zip(refused, (600, 300)):
+        problem = response.json()
+        assert problem["retry_after"] == delay and f"retry in {delay} s" in problem["detail"]
+        assert int(response.headers["content-length"]) == len(response.content)
 
 
 async def test_distinct_client_addresses_have_distinct_budgets(start_gateway):
@@ -301,6 +319,7 @@ async def test_queue_timeout_answers_503_with_retry_after(start_gateway):
     assert shed.json()["error"] == "queue_timeout"
     assert int(shed.headers["retry-after"]) >= 1
     assert "x-ratelimit-remaining" in shed.headers
+    assert shed.headers["cache-control"] == "no-store"
     assert gw.gateway.slots.in_use == 0 and not gw.gateway.slots.waiters
 
 
