@@ -134,29 +134,11 @@ class Gateway:
                      receive: Receive, send: Send) -> None:
         try:
             ex.body = body = self._body(headers, receive)
-            asked = time.perf_counter()
-            ex.decision = decision = await self.limiter.check(ex.client)    # one EVALSHA
-            if not decision.local:
-                self.metrics.limiter_seconds.observe(time.perf_counter() - asked)
-            if decision is not self.limiter.unknown:
-                self.metrics.decision(decision.allowed, decision.remaining, self.limiter.limit)
-            if not decision.allowed:
-                raise self.limiter.reject(decision)
-            url = self.forwarder.target(scope.get("raw_path") or scope["path"].encode(),
-                                        scope["query_string"])
-            queued = time.perf_counter()
-            release = await self.slots.acquire()                           # QueueTimeout -> 503
-            sent = time.perf_counter()
-            ex.queue = sent - queued
-            try:
-                outgoing = upstream_request_headers(
-                    headers, peer=peer, scheme=scope["scheme"], request_id=ex.request_id,
-                    trust_forwarding=is_trusted(peer, self.settings.trusted_proxies))
-                upstream = await self.forwarder.open(scope["method"], url, outgoing, body)  # 502/504
-            except BaseException:
-                release()
-                raise
-            ex.upstream = time.perf_counter() - sent
+            decision = await self._decide(ex)
+            if decision.allowed:
+                upstream, release = await self._open(ex, scope, headers, peer, body)
+            elif body is not None:
+                raise self.limiter.reject(decision)     # the unread upload needs _refuse's care
         except ClientDisconnected:
             ex.outcome, ex.status = "client_closed", 499
             return
@@ -167,9 +149,43 @@ class Gateway:
             log.exception("unexpected error before the response started")
             await self._refuse(ex, send, GatewayError("The gateway failed to handle the request."))
             return
+        if not decision.allowed:              # the flood case: a prepared answer, nothing raised
+            ex.outcome = "rate_limited"
+            await self._answer(ex, send, *self.limiter.answer(decision))
+            return
         ex.outcome, ex.status = "forwarded", upstream.status_code
         extra = [*decision.headers, (REQUEST_ID, ex.request_id)]
         ex.sent = await relay(upstream, extra, send, receive, body, release)
+
+    async def _decide(self, ex: Exchange) -> Decision:
+        asked = time.perf_counter()
+        ex.decision = decision = await self.limiter.check(ex.client)    # one EVALSHA
+        if not decision.local:
+            self.metrics.limiter_seconds.observe(time.perf_counter() - asked)
+        if decision is not self.limiter.unknown:
+            self.metrics.decision(decision.allowed, decision.remaining, self.limiter.limit)
+        return decision
+
+    async def _open(self, ex: Exchange, scope: Scope, headers: list[Header], peer: str,
+                    body: RequestBody | None) -> tuple[httpx.Response, Release]:
+        """Wait for a forwarding slot and send the request upstream; the slot is the caller's
+        once the upstream's response head has arrived."""
+        url = self.forwarder.target(scope.get("raw_path") or scope["path"].encode(),
+                                    scope["query_string"])
+        queued = time.perf_counter()
+        release = await self.slots.acquire()                               # QueueTimeout -> 503
+        sent = time.perf_counter()
+        ex.queue = sent - queued
+        try:
+            outgoing = upstream_request_headers(
+                headers, peer=peer, scheme=scope["scheme"], request_id=ex.request_id,
+                trust_forwarding=is_trusted(peer, self.settings.trusted_proxies))
+            upstream = await self.forwarder.open(scope["method"], url, outgoing, body)  # 502/504
+        except BaseException:
+            release()
+            raise
+        ex.upstream = time.perf_counter() - sent
+        return upstream, release
 
     def _body(self, headers: list[Header], receive: Receive) -> RequestBody | None:
         length = chunked = None
@@ -195,7 +211,6 @@ class Gateway:
         """Answer with the error; every limited-path answer carries the rate-limit headers."""
         if ex.decision is not None and not isinstance(err, RateLimited):
             err.headers.extend(ex.decision.headers)
-        err.headers.append((REQUEST_ID, ex.request_id))
         upload = ex.body
         if upload is not None and not upload.complete and not upload.client_gone:
             # an unread upload would wedge the connection: read a small rest, else close after
@@ -204,8 +219,15 @@ class Gateway:
             if not upload.complete:
                 err.headers.append(CLOSE)
         ex.outcome = OUTCOME_BY_ERROR.get(type(err), "internal_error")
-        ex.status, headers, body = err.render()
-        await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        await self._answer(ex, send, *err.render())
+
+    @staticmethod
+    async def _answer(ex: Exchange, send: Send, status: int, headers: list[Header],
+                      body: bytes) -> None:
+        """Send a complete answer of the gateway's own, with the request id added."""
+        ex.status = status
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (REQUEST_ID, ex.request_id)]})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         ex.sent = len(body)
 

@@ -24,6 +24,7 @@ log = logging.getLogger("proxy.limiter")
 SCRIPT = "fixed_window.v1"
 KEY_TAG = "fw1"                       # names the script version that owns the key layout
 DENY_CACHE_SIZE = 65536               # refused clients remembered per process (~10 MiB at most)
+REFUSAL_CACHE_SIZE = 4096             # rendered 429s kept, one per retry delay in seconds
 DENY_MARGIN = 0.01                    # seconds a local refusal ends before the Redis window
 
 
@@ -78,6 +79,7 @@ class RateLimiter:
         self.available = True
         self.denied = DenyCache(DENY_CACHE_SIZE)
         self.local_denials = 0
+        self._answers: dict[int, tuple[int, list[Header], bytes]] = {}
 
     def key(self, client: str) -> str:
         return f"{self.prefix}:{KEY_TAG}:{{{client}}}"
@@ -117,6 +119,17 @@ class RateLimiter:
             f"Rate limit of {self.limit} requests per {self.window} s exceeded; "
             f"retry in {decision.reset} s.",
             retry_after=decision.reset, headers=decision.headers)
+
+    def answer(self, decision: Decision) -> tuple[int, list[Header], bytes]:
+        """The rendered 429 (status, headers, body) for a refused decision, built once per
+        retry delay: under a flood the same few answers go out thousands of times a second.
+        Callers add their own headers to a copy, never to the list returned."""
+        rendered = self._answers.get(decision.reset)
+        if rendered is None:
+            if len(self._answers) >= REFUSAL_CACHE_SIZE:
+                self._answers.clear()
+            rendered = self._answers[decision.reset] = self.reject(decision).render()
+        return rendered
 
     def _failed(self, exc: RedisError) -> Decision:
         self.errors += 1

@@ -223,6 +223,19 @@ async def test_refusals_with_different_retry_delays_get_their_own_bodies(start_g
         assert int(response.headers["content-length"]) == len(response.content)
 
 
+async def test_prepared_refusals_carry_only_their_own_request_id(start_gateway):
+    """Refusals share one prepared answer per retry delay; each still gets its own request id,
+    once, and nothing accumulates in the shared header list."""
+    async with start_gateway(RATE_LIMIT=1, TIME_WINDOW=600) as gw, gw.client() as client:
+        await client.get("/echo")
+        refused = [await client.get("/echo", headers={"X-Request-ID": f"r{i}"}) for i in range(5)]
+    assert [r.status_code for r in refused] == [429] * 5
+    for i, response in enumerate(refused):
+        assert response.headers.get_list("x-request-id") == [f"r{i}"]
+        assert len(response.headers.raw) == len(refused[0].headers.raw)
+    assert len({r.content for r in refused}) <= 2       # one body per retry delay (600, maybe 599)
+
+
 async def test_distinct_client_addresses_have_distinct_budgets(start_gateway):
     async with start_gateway(RATE_LIMIT=2) as gw:
         codes = {}
