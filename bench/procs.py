@@ -357,14 +357,15 @@ def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int | 
         conn.close()
 
 
-def wait_ready(service: Service, host: str, port: int, path: str, timeout: float = 30.0) -> None:
-    """Poll until GET `path` answers 200; fail early with the log tail if the process exits."""
+def wait_ready(service: Service, host: str, port: int, path: str, timeout: float = 30.0,
+               status: int = 200) -> None:
+    """Poll until GET `path` answers `status`; fail early with the log tail if the process exits."""
     deadline = time.monotonic() + timeout
     while True:
         if not service.running():
             raise RuntimeError(f"{service.name} exited while starting; its log:\n"
                                f"{service.log_tail()}")
-        if http_status(host, port, path) == 200:
+        if http_status(host, port, path) == status:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{service.name} not ready on {host}:{port}{path} after "

@@ -225,7 +225,7 @@ def start_targets(opts: Options, setup: Setup, stack: ExitStack, say: Say) -> di
         port = free_port(HOST)
         if scenario.target == "floor":
             argv = pin.prefix(pin.sut) + [sys.executable, "-m", "bench.floor", "--host", HOST,
-                                          "--port", str(port)]
+                                          "--port", str(port), "--variant", scenario.variant]
             env = python_env()
         else:
             argv = pin.prefix(pin.workers if scenario.workers else pin.sut) + [
@@ -241,7 +241,8 @@ def start_targets(opts: Options, setup: Setup, stack: ExitStack, say: Say) -> di
         targets[scenario.name] = Target(scenario, service, port)
     for target in targets.values():
         path = "/" if target.scenario.target == "floor" else "/health"
-        wait_ready(target.service, HOST, target.port, path, READY_TIMEOUT)
+        status = 429 if target.scenario.variant == "refusal" else 200
+        wait_ready(target.service, HOST, target.port, path, READY_TIMEOUT, status=status)
     say("started: " + ", ".join(f"{t.service.name} (pid {t.service.pid}, :{t.port})"
                                 for t in targets.values()))
     return targets

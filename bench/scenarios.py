@@ -21,6 +21,7 @@ class Scenario:
     count_statuses: bool = False       # wrk: add the (slower) response() callback
     expected: frozenset[int] = frozenset({200})
     workers: bool = False              # GATEWAY_WORKERS = number of CPUs
+    variant: str = "plain"             # the floor app's variant (bench/floor.py)
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -33,6 +34,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              path="/upload", method="POST", body_size=UPLOAD_SIZE),
     Scenario("workers", "as pass, with GATEWAY_WORKERS = number of CPUs", workers=True),
     Scenario("floor", "bare Hypercorn app, constant small body: the ceiling", target="floor"),
+    # yardsticks: the server alone doing what blocked and upload make the gateway do
+    Scenario("floor-429", "bare Hypercorn app answering the gateway's own 429 (same headers "
+             "and body): the ceiling for blocked", target="floor", variant="refusal",
+             count_statuses=True, expected=frozenset({429})),
+    Scenario("floor-upload", "bare Hypercorn app reading and discarding 1 MiB request bodies: "
+             "the ceiling for upload", target="floor", variant="sink", path="/upload",
+             method="POST", body_size=UPLOAD_SIZE),
 )}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import nginx, wrk
+from bench.floor import refusal_answer
 from bench.loadgen import Histogram, LoadResult, build_request, merge_results, parse_loadgen_output
 from bench.procs import (Service, cpus_busy_seconds, descendants, max_status_kb, parse_cpu_busy,
                          parse_stat, parse_status_kb, plan_pinning, read_stat, tree_cpu_seconds,
@@ -249,6 +250,24 @@ def test_scenario_selection_adds_the_floor() -> None:
     assert [s.name for s in select("blocked,pass")] == ["pass", "blocked", "floor"]
     with pytest.raises(ValueError):
         select("pass,nope")
+
+
+def test_floor_refusal_variant_sends_the_gateways_own_429() -> None:
+    """The blocked scenario's yardstick must answer exactly what the gateway answers."""
+    start, body = refusal_answer()
+    headers = dict(start["headers"])
+    assert start["status"] == 429 and body["more_body"] is False
+    assert headers[b"content-type"] == b"application/problem+json"
+    assert int(headers[b"content-length"]) == len(body["body"])
+    assert {b"ratelimit", b"ratelimit-policy", b"x-ratelimit-limit", b"x-ratelimit-remaining",
+            b"x-ratelimit-reset", b"retry-after", b"x-request-id"} <= set(headers)
+    assert json.loads(body["body"])["retry_after"] == 59
+
+
+def test_yardstick_scenarios_run_the_floor_app_variants() -> None:
+    assert SCENARIOS["floor-429"].target == SCENARIOS["floor-upload"].target == "floor"
+    assert (SCENARIOS["floor-429"].variant, SCENARIOS["floor-upload"].variant) == ("refusal", "sink")
+    assert SCENARIOS["floor-upload"].body_size == SCENARIOS["upload"].body_size
 
 
 def test_summary_table_and_markdown() -> None:
