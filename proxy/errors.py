@@ -43,6 +43,10 @@ class BadRequest(GatewayError):
     status, code, title = 400, "bad_request", "Bad request"
 
 
+class RequestTimeout(GatewayError):
+    status, code, title = 408, "request_timeout", "Request body too slow"
+
+
 class RequestTooLarge(GatewayError):
     status, code, title = 413, "body_too_large", "Request body too large"
 

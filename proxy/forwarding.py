@@ -15,10 +15,11 @@ from urllib.parse import quote_from_bytes
 
 import httpx
 
-from .errors import BadRequest, RequestTooLarge, UpstreamTimeout, UpstreamUnreachable
+from .errors import (BadRequest, RequestTimeout, RequestTooLarge, UpstreamTimeout,
+                     UpstreamUnreachable)
 from .headers import Header
 from .settings import Settings
-from .transport import UpstreamTransport
+from .transport import BodySourceTimeout, UpstreamTransport
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 log = logging.getLogger("proxy.forwarding")
@@ -138,6 +139,10 @@ class Forwarder:
                                 content=body.__aiter__() if body is not None else None)
         try:
             return await self.transport.handle_async_request(request)
+        except BodySourceTimeout as exc:
+            self._body_fault(body, exc)
+            log.info("client too slow: %s %s, its body paused for %gs", method, url, self.timeout)
+            raise RequestTimeout(f"The request body paused for more than {self.timeout:g} s.") from exc
         except httpx.TimeoutException as exc:
             self._body_fault(body, exc)
             log.warning("upstream timeout: %s %s after %gs (%s)", method, url, self.timeout, _reason(exc))

@@ -22,7 +22,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from .errors import (BadRequest, GatewayError, LimiterUnavailable, QueueTimeout, RateLimited,
-                     RequestTooLarge, UpstreamTimeout, UpstreamUnreachable)
+                     RequestTimeout, RequestTooLarge, UpstreamTimeout, UpstreamUnreachable)
 from .forwarding import ClientDisconnected, Forwarder, RequestBody, body_too_large, make_client
 from .headers import Header, strip_hop_by_hop, upstream_request_headers
 from .health import HealthProbe
@@ -42,7 +42,8 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("proxy.gateway")
 OUTCOME_BY_ERROR: dict[type[GatewayError], str] = {
     QueueTimeout: "shed", LimiterUnavailable: "limiter_error", BadRequest: "client_error",
-    RequestTooLarge: "client_error", UpstreamUnreachable: "upstream_error",
+    RequestTooLarge: "client_error", RequestTimeout: "client_error",
+    UpstreamUnreachable: "upstream_error",
     UpstreamTimeout: "upstream_error", RateLimited: "rate_limited", GatewayError: "internal_error",
 }
 REQUEST_ID = b"x-request-id"
@@ -214,7 +215,7 @@ class Gateway:
         upload = ex.body
         if upload is not None and not upload.complete and not upload.client_gone:
             # an unread upload would wedge the connection: read a small rest, else close after
-            if upload.drainable:
+            if upload.drainable and not isinstance(err, RequestTimeout):   # a stalled one won't
                 await upload.drain()
             if not upload.complete:
                 err.headers.append(CLOSE)

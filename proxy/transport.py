@@ -33,6 +33,11 @@ CONNECT_ERRORS = (OSError, ssl.SSLError)
 SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
 
 
+class BodySourceTimeout(httpx.TimeoutException):
+    """The request body's source (the client) sent nothing for a whole timeout period while
+    the upstream was waiting for it: the client's delay, not the upstream's."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; reading is pull-based with a bounded buffer."""
 
@@ -48,6 +53,9 @@ class _Connection(asyncio.Protocol):
         self.paused_reading = False
         self.last_used = time.monotonic()
         self.served = 0
+        # request body progress, read by the response-head timer
+        self.body_sent = 0
+        self.awaiting_body = False         # the sender waits on the body's source, not on us
         # response body state
         self.mode = NONE
         self.remaining = 0
@@ -332,7 +340,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             if has_body:
                 sender = asyncio.ensure_future(_send_body(conn, request.stream, chunked))
             while True:
-                status, version, reason, headers = await conn.read_head(timeout)
+                status, version, reason, headers = await self._read_head(conn, timeout, sender)
                 if status >= 200 or status == 101:
                     break                                 # 1xx interim answers are skipped
             if status == 101:
@@ -354,6 +362,28 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return httpx.Response(status, headers=headers, request=request, extensions=extensions,
                               stream=_ResponseStream(self, conn, reusable and version == b"HTTP/1.1",
                                                      timeout, sender))
+
+    @staticmethod
+    async def _read_head(conn: _Connection, timeout: float | None, sender: asyncio.Future[None] | None
+                         ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
+        """The next response head. While the request body is still streaming, `timeout` is the
+        longest time nothing moves: the timer restarts whenever a body chunk went out, so a long
+        upload is not cut off; a stall is the upstream's when it stopped taking the body, the
+        client's (BodySourceTimeout) when the body's source had nothing to send."""
+        progress = conn.body_sent
+        while True:
+            try:
+                return await conn.read_head(timeout)
+            except httpx.ReadTimeout:
+                if sender is None or sender.done():
+                    raise
+                if conn.body_sent != progress:
+                    progress = conn.body_sent
+                    continue
+                if conn.awaiting_body:
+                    raise BodySourceTimeout(
+                        f"the request body stalled: nothing to send for {timeout:g} s") from None
+                raise
 
     def _take(self) -> tuple[bool, _Connection | None]:
         now = time.monotonic()
@@ -400,11 +430,15 @@ async def _send_body(conn: _Connection, stream: httpx.SyncByteStream | httpx.Asy
     """Stream the request body with backpressure; a failure here closes the connection."""
     assert isinstance(stream, httpx.AsyncByteStream)
     try:
+        conn.awaiting_body = True
         async for chunk in stream:
-            if not chunk:
-                continue
-            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            await conn.drain()
+            conn.awaiting_body = False
+            if chunk:
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                conn.body_sent += len(chunk)
+                await conn.drain()
+            conn.awaiting_body = True
+        conn.awaiting_body = False
         if chunked:
             conn.write(b"0\r\n\r\n")
     except asyncio.CancelledError:

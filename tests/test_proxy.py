@@ -168,6 +168,75 @@ async def test_declared_body_over_limit_is_refused_with_413(start_gateway):
     assert gw.upstream.seen == []
 
 
+# --- slow uploads: UPSTREAM_TIMEOUT is the longest pause, not the longest upload ------------------
+
+async def test_steady_upload_longer_than_the_upstream_timeout_goes_through(start_gateway):
+    """A client uploading slowly but steadily (never pausing for UPSTREAM_TIMEOUT) is not cut
+    off by the timer that waits for the upstream's answer: it restarts on every chunk sent."""
+    timeout = 0.5
+    async with start_gateway(UPSTREAM_TIMEOUT=timeout) as gw, gw.client() as client:
+        async def body() -> AsyncIterator[bytes]:
+            start = time.monotonic()
+            while time.monotonic() - start < 3 * timeout:
+                yield b"s" * 1000
+                await asyncio.sleep(timeout / 10)
+        response = await client.post("/upload", content=body())
+    assert response.status_code == 200, response.text
+    assert response.json()["size"] >= 10_000 and response.json()["size"] % 1000 == 0
+
+
+async def test_client_pausing_mid_upload_gets_408_and_a_closed_connection(start_gateway):
+    async with start_gateway(UPSTREAM_TIMEOUT=0.3) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                     + b"p" * 1000)                         # ... and the rest never comes
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), DEADLINE)    # until the server closes
+        finally:
+            writer.close()
+        await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"\r\nconnection: close" in head.lower()
+    assert json.loads(body)["error"] == "request_timeout"
+    assert gw.upstream.seen[-1].body_size < 100000
+
+
+async def test_upstream_that_stops_reading_an_upload_is_504(start_gateway, make_settings):
+    """The other side of the same timer: the client keeps sending, the upstream has stopped
+    reading, nothing moves for UPSTREAM_TIMEOUT -> 504, and the slot comes back."""
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")              # the head, then never another byte
+        await asyncio.Event().wait()
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{port}",
+                                 UPSTREAM_TIMEOUT=0.3)
+        async with start_gateway(settings) as gw:
+            host, gport = gw.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(gport))
+            size = 64 << 20                    # far more than the socket buffers on the way
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+
+            async def send_body() -> None:
+                chunk = b"u" * (1 << 20)
+                for _ in range(size >> 20):
+                    writer.write(chunk)
+                    await writer.drain()
+            sender = asyncio.create_task(send_body())
+            try:
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+            finally:
+                sender.cancel()
+                writer.close()
+            await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
+        server.close()
+    assert answer.startswith(b"HTTP/1.1 504"), answer[:200]
+
+
 @pytest.mark.xfail(sys.version_info >= (3, 12), strict=False,
                    reason="known issue on Python 3.12+: after a refusal that leaves the upload "
                           "unread, Hypercorn's connection task does not end, and server shutdown "
