@@ -74,7 +74,6 @@ class UpstreamTimeout(GatewayError):
     status, code, title = 504, "upstream_timeout", "Upstream timed out"
 
 
-
 @lru_cache(maxsize=1024)
 def _problem_json(status: int, code: str, title: str, detail: str, retry_after: int | None) -> bytes:
     """The RFC 9457 body, encoded once per distinct answer: a flood of refusals repeats a few

@@ -9,9 +9,9 @@ import gc
 import logging
 import re
 import time
-from random import getrandbits
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from random import getrandbits
 from typing import Any
 
 import httpx
