@@ -8,6 +8,7 @@ import asyncio
 import gc
 import logging
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -156,7 +157,13 @@ class Gateway:
             return
         ex.outcome, ex.status = "forwarded", upstream.status_code
         extra = [*decision.headers, (REQUEST_ID, ex.request_id)]
-        ex.sent = await relay(upstream, extra, send, receive, body, release)
+        try:
+            ex.sent = await relay(upstream, extra, send, receive, body, release,
+                                  self.settings.upstream_timeout)
+        except ClientStalled as stalled:
+            ex.sent = stalled.sent
+            log.warning("client %s stopped reading its response for %gs; aborted after %d bytes",
+                        ex.client, self.settings.upstream_timeout, stalled.sent)
 
     async def _decide(self, ex: Exchange) -> Decision:
         asked = time.perf_counter()
@@ -257,14 +264,33 @@ class Gateway:
                 fields, extra={"fields": fields})
 
 
+class ClientStalled(Exception):
+    """The client took none of the response for a whole timeout period."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"client stalled after {sent} bytes")
+        self.sent = sent
+
+
 async def relay(upstream: httpx.Response, extra: list[Header], send: Send, receive: Receive,
-                body: RequestBody | None, release: Release) -> int:
+                body: RequestBody | None, release: Release, timeout: float) -> int:
     """Stream the upstream response to the client; returns the body bytes relayed. The slot is
     held until the last byte is relayed or the client goes away: unless the whole body is
-    already in memory, a watcher closes the upstream as soon as the client disconnects."""
+    already in memory, a watcher closes the upstream as soon as the client disconnects. A send
+    stuck for `timeout` (a client that stopped reading) aborts the response: ClientStalled."""
     watcher: asyncio.Task[None] | None = None
     stream = upstream.stream
     sent = 0
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    stalled = False
+
+    def stall() -> None:
+        nonlocal stalled
+        stalled = True
+        task.cancel()
+
     try:
         headers = [h for h in strip_hop_by_hop(upstream.headers.raw) if h[0] != REQUEST_ID]
         if body is not None and not body.drainable:
@@ -278,8 +304,19 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
             async for chunk in stream:                   # type: ignore[union-attr]
                 # the last chunk ends the response itself, unless an upload is still coming
                 finished = getattr(stream, "done", False) and (body is None or body.complete)
-                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
+                timer = loop.call_later(timeout, stall)  # a timer, not wait_for: no task per chunk
+                try:
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": not finished})
+                finally:
+                    timer.cancel()
                 sent += len(chunk)
+        except asyncio.CancelledError:
+            if not stalled:
+                raise
+            if sys.version_info >= (3, 11):
+                task.uncancel()
+            raise ClientStalled(sent) from None
         except httpx.HTTPError as exc:
             if not (watcher is not None and watcher.done()):
                 log.warning("upstream failed mid-body (%s); aborting the response", exc)

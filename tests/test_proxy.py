@@ -5,6 +5,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -532,6 +533,30 @@ async def test_hung_upstream_health_answers_disconnected(start_gateway, make_set
     assert health.status_code == 503
     assert health.json() == {**health.json(), "status": "DEGRADED", "backend_status": "Disconnected",
                              "redis_status": "Connected"}
+
+
+async def test_client_that_stops_reading_a_download_loses_its_slot(start_gateway, caplog):
+    """A client that never reads its response must not hold a forwarding slot (and an upstream
+    connection) forever: once a send has been stuck for UPSTREAM_TIMEOUT, the response is
+    aborted and the slot goes to the next request."""
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1, UPSTREAM_TIMEOUT=0.3,
+                             QUEUE_TIMEOUT=DEADLINE) as gw, gw.client() as client:
+        host, port = gw.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /big?size=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (64 << 20))
+        await writer.drain()                     # ... and never read a byte of the answer
+        try:
+            await eventually(lambda: gw.gateway.slots.in_use == 1, "the download to take the slot")
+            after = await client.get("/echo")    # queued behind the stuck download
+            await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
+        finally:
+            writer.close()
+    assert after.status_code == 200
+    assert any("stopped reading" in r.getMessage() for r in caplog.records)
 
 
 async def test_upstream_failure_mid_body_aborts_the_response(start_gateway, make_settings):
