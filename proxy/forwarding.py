@@ -74,6 +74,7 @@ class RequestBody:
             while not self.complete:
                 message = await self.receive()
                 if message["type"] == "http.disconnect":
+                    self.client_gone = True
                     return
                 self.received += len(message.get("body", b""))
                 self.complete = not message.get("more_body", False)

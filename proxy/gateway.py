@@ -49,6 +49,7 @@ OUTCOME_BY_ERROR: dict[type[GatewayError], str] = {
 }
 REQUEST_ID = b"x-request-id"
 CLOSE = (b"connection", b"close")
+DISCONNECT_WAIT = 5.0          # longest wait for http.disconnect after an answer that left a body unread
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=~-]{1,128}")
 
 
@@ -145,11 +146,12 @@ class Gateway:
             ex.outcome, ex.status = "client_closed", 499
             return
         except GatewayError as err:
-            await self._refuse(ex, send, err)
+            await self._refuse(ex, send, receive, err)
             return
         except Exception:  # noqa: BLE001 - the one place a bug becomes a clean 500
             log.exception("unexpected error before the response started")
-            await self._refuse(ex, send, GatewayError("The gateway failed to handle the request."))
+            await self._refuse(ex, send, receive,
+                               GatewayError("The gateway failed to handle the request."))
             return
         if not decision.allowed:              # the flood case: a prepared answer, nothing raised
             ex.outcome = "rate_limited"
@@ -215,7 +217,7 @@ class Gateway:
             return RequestBody(receive, self.settings.max_body_size, declared)
         return None
 
-    async def _refuse(self, ex: Exchange, send: Send, err: GatewayError) -> None:
+    async def _refuse(self, ex: Exchange, send: Send, receive: Receive, err: GatewayError) -> None:
         """Answer with the error; every limited-path answer carries the rate-limit headers."""
         if ex.decision is not None and not isinstance(err, RateLimited):
             err.headers.extend(ex.decision.headers)
@@ -227,16 +229,23 @@ class Gateway:
             if not upload.complete:
                 err.headers.append(CLOSE)
         ex.outcome = OUTCOME_BY_ERROR.get(type(err), "internal_error")
-        await self._answer(ex, send, *err.render())
+        # closing (here, or _body's refusals, which read nothing): the body may be left unread
+        unread = CLOSE in err.headers and not (upload is not None and upload.client_gone)
+        await self._answer(ex, send, *err.render(), receive=receive if unread else None)
 
     @staticmethod
     async def _answer(ex: Exchange, send: Send, status: int, headers: list[Header],
-                      body: bytes) -> None:
-        """Send a complete answer of the gateway's own, with the request id added."""
+                      body: bytes, receive: Receive | None = None) -> None:
+        """Send a complete answer of the gateway's own, with the request id added; with
+        `receive`, the request body is left unread and the rest is discarded (end_unread)."""
         ex.status = status
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, (REQUEST_ID, ex.request_id)]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        last = {"type": "http.response.body", "body": body, "more_body": False}
+        if receive is None:
+            await send(last)
+        else:
+            await end_unread(send, receive, last)
         ex.sent = len(body)
 
     def _finish(self, ex: Exchange) -> None:
@@ -328,7 +337,13 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
             release()
             await body.drain()
         if not finished:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            last = {"type": "http.response.body", "body": b"", "more_body": False}
+            if body is not None and not body.complete and not body.client_gone:
+                await upstream.aclose()              # stops sending the upload upstream
+                release()
+                await end_unread(send, receive, last)
+            else:
+                await send(last)
         return sent
     finally:
         if watcher is not None:
@@ -338,9 +353,33 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
 
 
 async def _close_on_disconnect(receive: Receive, upstream: httpx.Response) -> None:
+    await _until_disconnect(receive)
+    await upstream.aclose()
+
+
+async def _until_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    await upstream.aclose()
+
+
+async def end_unread(send: Send, receive: Receive, last: Message) -> None:
+    """Send the response's last message when the request body is left unread (the answer
+    says Connection: close), reading and throwing away the rest until http.disconnect.
+
+    Hypercorn feeds body chunks through a bounded queue (max_app_queue_size) and puts
+    http.disconnect into that same queue *inside* this last send (StreamClosed). With the
+    queue full of chunks nobody reads, that put, and so this send, never returns; its reader
+    is stuck on the next chunk, so the connection is neither read nor closed until the server
+    shuts down (on Python 3.12+ asyncio, Server.wait_closed() then waits for it forever). The
+    queue must be emptied while the last message goes out, not after."""
+    discarder = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await send(last)
+        await asyncio.wait_for(discarder, DISCONNECT_WAIT)
+    except asyncio.TimeoutError:
+        pass                  # a server that does not say so: the answer is out, leave it be
+    finally:
+        discarder.cancel()
 
 
 def _request_id(headers: list[Header]) -> bytes:

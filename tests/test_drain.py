@@ -183,3 +183,40 @@ async def test_early_413_with_a_body_past_the_drain_cap_does_not_hang(
             await eventually(lambda: gw.gateway.slots.in_use == 0, "the forwarding slot to be released")
             async with gw.client() as client:                    # still serving
                 assert (await client.get("/after")).status_code == 200
+
+
+async def test_early_answer_from_an_upstream_that_stops_reading_closes_the_client_connection(
+        start_gateway, make_settings) -> None:
+    """The upstream answers early, slowly, and never reads the upload: by the answer's end the
+    server's queue of unread body chunks is full. The gateway must still end the exchange and
+    close the client's connection, not wedge it until shutdown."""
+    done = asyncio.Event()
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Too Large\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"9\r\ntoo large\r\n")
+        await asyncio.sleep(0.5)                         # the body is never read
+        writer.write(b"0\r\n\r\n")
+        await done.wait()
+        writer.close()
+    server = await asyncio.start_server(early, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{port}")
+        async with start_gateway(settings) as gw:
+            host, gport = gw.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(gport))
+            size = 64 << 20
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: gateway\r\nContent-Length: %d\r\n\r\n" % size)
+            sender = asyncio.create_task(send_body(writer, size))
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+                sent = await asyncio.wait_for(sender, DEADLINE)        # ends when the gateway closes
+            finally:
+                sender.cancel()
+                writer.close()
+            await eventually(lambda: gw.gateway.slots.in_use == 0, "the forwarding slot to be released")
+        done.set()
+    assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
+    assert sent < size

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -208,9 +207,12 @@ async def test_client_pausing_mid_upload_gets_408_and_a_closed_connection(start_
 async def test_upstream_that_stops_reading_an_upload_is_504(start_gateway, make_settings):
     """The other side of the same timer: the client keeps sending, the upstream has stopped
     reading, nothing moves for UPSTREAM_TIMEOUT -> 504, and the slot comes back."""
+    done = asyncio.Event()
+
     async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")              # the head, then never another byte
-        await asyncio.Event().wait()
+        await done.wait()
+        writer.close()            # 3.12+: `async with server` waits for every connection to end
     server = await asyncio.start_server(deaf, "127.0.0.1", 0)
     async with server:
         port = server.sockets[0].getsockname()[1]
@@ -234,14 +236,11 @@ async def test_upstream_that_stops_reading_an_upload_is_504(start_gateway, make_
                 sender.cancel()
                 writer.close()
             await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
+        done.set()
         server.close()
     assert answer.startswith(b"HTTP/1.1 504"), answer[:200]
 
 
-@pytest.mark.xfail(sys.version_info >= (3, 12), strict=False,
-                   reason="known issue on Python 3.12+: after a refusal that leaves the upload "
-                          "unread, Hypercorn's connection task does not end, and server shutdown "
-                          "waits for it")
 async def test_streamed_body_over_limit_is_refused_with_413(start_gateway):
     async with start_gateway(MAX_BODY_SIZE=100_000) as gw, gw.client() as client:
         async def body() -> AsyncIterator[bytes]:
@@ -577,10 +576,6 @@ async def test_upstream_failure_mid_body_aborts_the_response(start_gateway, make
             assert (await client.get("/health")).status_code == 200    # still serving
 
 
-@pytest.mark.xfail(sys.version_info >= (3, 12), strict=False,
-                   reason="known issue on Python 3.12+: after a refusal that leaves the upload "
-                          "unread, Hypercorn's connection task does not end, and server shutdown "
-                          "waits for it")
 async def test_refused_upload_over_the_drain_cap_closes_instead_of_hanging(start_gateway):
     async with start_gateway(RATE_LIMIT=1) as gw, gw.client() as client:
         assert (await client.get("/echo")).status_code == 200
