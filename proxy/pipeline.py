@@ -20,15 +20,16 @@ from redis.exceptions import RedisError, ResponseError
 log = logging.getLogger("proxy.pipeline")
 
 
-def _closing(conn: AbstractConnection) -> bool:
-    """The connection's transport is closed or closing: a write already failed on it (asyncio
-    closes the socket on its next iteration) or it was closed. Nothing may be written to it:
-    on Python 3.12+ the selector transport's writelines() does not check for a lost connection
-    (write() does) and registers a writer for the dying socket's fd in the loop's selector;
-    once the socket is closed that fd number is reused by the next connection, whose
-    sock_connect then waits for a write event that never comes (CPython gh-136234)."""
-    writer = conn._writer                                   # noqa: SLF001 - redis-py 8's stream
-    return writer is None or writer.is_closing()
+def _writer(conn: AbstractConnection) -> asyncio.StreamWriter | None:
+    """The connection's writer, or None when there is none or its transport is closed or
+    closing: a write already failed on it (asyncio closes the socket on its next iteration) or
+    it was closed. Nothing may be written to it: on Python 3.12+ the selector transport's
+    writelines() does not check for a lost connection (write() does) and registers a writer for
+    the dying socket's fd in the loop's selector; once the socket is closed that fd number is
+    reused by the next connection, whose sock_connect then waits for a write event that never
+    comes (CPython gh-136234)."""
+    writer: asyncio.StreamWriter | None = conn._writer      # noqa: SLF001 - redis-py 8's stream
+    return None if writer is None or writer.is_closing() else writer
 
 
 class _Link:
@@ -43,7 +44,7 @@ class _Link:
     def usable(self) -> bool:
         """Connected, not being torn down after a failed write, and (when idle) not closed by
         the server in the meantime."""
-        if self.broken or not self.conn.is_connected or _closing(self.conn):
+        if self.broken or not self.conn.is_connected or _writer(self.conn) is None:
             return False
         reader = self.conn._reader                          # noqa: SLF001 - redis-py 8's stream
         return bool(self.pending) or reader is None or not reader.at_eof()
@@ -86,9 +87,9 @@ class Pipeline:
         link = self.link
         if link is None or not link.usable():
             link = await self._connect()
-        writer = link.conn._writer                          # noqa: SLF001 - redis-py 8's stream
+        writer = _writer(link.conn)
         try:
-            if writer is None or writer.is_closing():
+            if writer is None:
                 raise OSError("not connected")
             # written whole and in call order, never awaited in between: replies match pending
             writer.writelines(link.conn.pack_command("EVALSHA", sha, numkeys, *keys_and_args))
