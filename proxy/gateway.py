@@ -330,18 +330,17 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
             if not (watcher is not None and watcher.done()):
                 log.warning("upstream failed mid-body (%s); aborting the response", exc)
             return sent                              # ends the stream without its last chunk
-        if body is not None and not body.complete and body.drainable:
-            # the upstream answered without reading the whole upload: read the rest before the
-            # response ends, or the server closes the client's keep-alive connection
+        if body is not None and not body.complete and not body.client_gone:
+            # the upstream answered without reading the whole upload: stop sending it on, and
+            # read a small rest before the response ends so the keep-alive connection survives
             await upstream.aclose()
             release()
-            await body.drain()
+            if body.drainable:
+                await body.drain()
         if not finished:
             last = {"type": "http.response.body", "body": b"", "more_body": False}
             if body is not None and not body.complete and not body.client_gone:
-                await upstream.aclose()              # stops sending the upload upstream
-                release()
-                await end_unread(send, receive, last)
+                await end_unread(send, receive, last)           # too much left: close instead
             else:
                 await send(last)
         return sent
