@@ -8,12 +8,10 @@ never a client address or a path."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest, values)
-from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 OUTCOMES = ("forwarded", "rate_limited", "shed", "upstream_error", "limiter_error",
@@ -116,27 +114,23 @@ class Metrics:
         self.in_flight.set(in_use)
         self.waiting.set(waiting)
 
-    def _families(self) -> Iterable[Metric]:
+    def _instance(self) -> CollectorRegistry:
+        """What a scrape reads: every worker's files in multiprocess mode, else this registry."""
         directory = multiprocess_dir()
         if directory is None:
-            return self.registry.collect()
-        families: Iterable[Metric] = MultiProcessCollector(  # type: ignore[no-untyped-call]
-            None, path=directory).collect()
-        return families
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return registry
 
     def render(self) -> bytes:
         """Prometheus text exposition of the whole instance."""
-        directory = multiprocess_dir()
-        if directory is None:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        return generate_latest(registry)
+        return generate_latest(self._instance())
 
     def totals(self) -> tuple[int, int]:
         """(all requests, rate-limited requests) over the whole instance, for /health."""
         total = blocked = 0.0
-        for family in self._families():
+        for family in self._instance().collect():
             if family.name != "gateway_requests":
                 continue
             for sample in family.samples:
