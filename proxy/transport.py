@@ -170,6 +170,15 @@ class _Connection(asyncio.Protocol):
                 raise httpx.RemoteProtocolError("upstream closed the connection mid-body")
             await self._wait(timeout)
 
+    def _take_remaining(self) -> bytes:
+        """Up to `remaining` buffered bytes (of a Content-Length body or of one chunk)."""
+        buf = self.buffer
+        n = min(self.remaining, len(buf))
+        out = bytes(buf[:n]) if n < len(buf) else bytes(buf)
+        del buf[:n]
+        self.remaining -= n
+        return out
+
     def _take(self) -> bytes | None:
         """Body bytes available now, b'' at the end, None when more must be read."""
         buf = self.buffer
@@ -178,13 +187,7 @@ class _Connection(asyncio.Protocol):
         if self.mode == LENGTH:
             if self.remaining == 0:
                 return b""
-            if not buf:
-                return None
-            n = min(self.remaining, len(buf))
-            out = bytes(buf[:n]) if n < len(buf) else bytes(buf)
-            del buf[:n]
-            self.remaining -= n
-            return out
+            return self._take_remaining() if buf else None
         if self.mode == UNTIL_CLOSE:
             if not buf:
                 return None
@@ -196,10 +199,7 @@ class _Connection(asyncio.Protocol):
             if state == DATA:
                 if not buf:
                     return None
-                n = min(self.remaining, len(buf))
-                out = bytes(buf[:n])
-                del buf[:n]
-                self.remaining -= n
+                out = self._take_remaining()
                 if self.remaining == 0:
                     self.chunk_state = DATA_END
                 return out
