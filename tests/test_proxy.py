@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from proxy.embedded_redis import RedisProcess, free_port
 from tests.servers import closed_port
+from tests.test_drain import send_body
 
 DEADLINE = 10.0
 
@@ -223,13 +224,7 @@ async def test_upstream_that_stops_reading_an_upload_is_504(start_gateway, make_
             reader, writer = await asyncio.open_connection(host, int(gport))
             size = 64 << 20                    # far more than the socket buffers on the way
             writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
-
-            async def send_body() -> None:
-                chunk = b"u" * (1 << 20)
-                for _ in range(size >> 20):
-                    writer.write(chunk)
-                    await writer.drain()
-            sender = asyncio.create_task(send_body())
+            sender = asyncio.create_task(send_body(writer, size))
             try:
                 answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
             finally:
