@@ -133,6 +133,11 @@ class RedisProcess:
     # -- properties ---------------------------------------------------------
 
     @property
+    def port(self) -> int | None:
+        """The TCP port, or None in unix-socket mode."""
+        return self._port
+
+    @property
     def url(self) -> str:
         """Connection URL: ``unix:///…/redis.sock`` in socket mode, ``redis://host:port/0`` in TCP mode."""
         if self._port is None:
