@@ -120,12 +120,15 @@ class Forwarder:
 
         RFC 9110 7.7: a proxy must not rewrite the path it forwards, so the client's bytes are
         placed into the URL as they are (httpx's parser would drop dot segments); only what
-        cannot go on the wire as is (non-ASCII, '#') is percent-encoded."""
+        cannot go on the wire as is (non-ASCII, '#') is percent-encoded. A path whose dot
+        segments would climb above its root (and so out of the upstream's base path) is 400."""
         if not raw_path.startswith(b"/"):
             scheme, sep, rest = raw_path.partition(b"://")
             if not sep or not scheme.isalpha():
                 raise BadRequest("The request target must be an absolute path.")
             raw_path = b"/" + rest.partition(b"/")[2]
+        if (b"." in raw_path or b"%2" in raw_path) and _climbs(raw_path):
+            raise BadRequest("The request target's dot segments climb above its root.")
         url = copy.copy(self.upstream)
         # httpx 0.28 keeps the parsed URL in _uri_reference; pinned in requirements.txt and
         # covered by tests/test_forwarding.py, so an upgrade that changes it fails loudly
@@ -168,6 +171,30 @@ def _wire(raw: bytes) -> str:
     if ON_THE_WIRE.fullmatch(raw):
         return raw.decode("ascii")
     return quote_from_bytes(raw, WIRE_SAFE)     # controls, space, '#', non-ASCII -> %XX
+
+
+def _climbs(raw_path: bytes) -> bool:
+    """Whether some reading of the path's dot segments takes it above its root: '.' and '..'
+    also percent-encoded or with ';' parameters (Java servers strip those), empty segments not
+    counted (servers that merge slashes), and '%2F' taken as a '/' as well (servers that
+    decode it first)."""
+    path = raw_path.lower().replace(b"%2e", b".")
+    if _below_root(path):
+        return True
+    return b"%2f" in path and _below_root(path.replace(b"%2f", b"/"))
+
+
+def _below_root(path: bytes) -> bool:
+    depth = 0
+    for segment in path.split(b"/"):
+        name = segment.partition(b";")[0]
+        if name == b"..":
+            if not depth:
+                return True
+            depth -= 1
+        elif name and name != b".":
+            depth += 1
+    return False
 
 
 def _reason(exc: BaseException) -> str:

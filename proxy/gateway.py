@@ -73,7 +73,7 @@ class Exchange:
     request_id: bytes
     client: str
     method: str
-    path: str
+    path: str                          # the raw request target, query included
     start: float
     status: int = 0
     outcome: str = "internal_error"
@@ -127,7 +127,7 @@ class Gateway:
         peer = normalize(scope["client"][0]) if scope.get("client") else "unknown"
         trusted = self.settings.trusted_proxies
         client = client_address(peer, *_forwarding(headers) if trusted else (None, None), trusted)
-        ex = Exchange(_request_id(headers), client, scope["method"], scope["path"], time.perf_counter())
+        ex = Exchange(_request_id(headers), client, scope["method"], _target(scope), time.perf_counter())
         try:
             await self._serve(ex, scope, headers, peer, receive, send)
         finally:
@@ -389,6 +389,14 @@ def _request_id(headers: list[Header]) -> bytes:
     # a correlation id, not a secret (clients may pick their own): Python's PRNG, reseeded
     # after fork, costs no system call, unlike os.urandom (~4% of a refused request)
     return b"%032x" % getrandbits(128)
+
+
+def _target(scope: Scope) -> str:
+    """The request target as the client sent it, for the log: the decoded path would let
+    %0d%0a write a line of its own."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope["query_string"]
+    return (raw + b"?" + query if query else raw).decode("latin-1")
 
 
 def _forwarding(headers: list[Header]) -> tuple[str | None, str | None]:

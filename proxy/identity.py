@@ -6,11 +6,12 @@ from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 Networks = Sequence[IPv4Network | IPv6Network]
+MAX_ADDRESS_TEXT = 128                 # a quoted, bracketed IPv6 address with zone id and port
 
 
 def client_address(peer: str | None, forwarded_for: str | None, forwarded: str | None,
                    trusted: Networks) -> str:
-    """The client's address.
+    """The client's address: a canonical IP (IPv6 zone ids dropped) or "unknown".
 
     Forwarding headers are believed only when the peer is a trusted proxy; the chain is walked
     right to left past trusted hops, and the first untrusted address is the client. An entry we
@@ -42,12 +43,18 @@ def is_trusted(address: str | None, trusted: Networks) -> bool:
 
 
 def normalize(address: str) -> str:
-    """Canonical text of an IP address (IPv4-mapped IPv6 as IPv4); other text unchanged."""
-    return _parse_ip(address) or address
+    """Canonical text of an IP address (IPv4-mapped IPv6 as IPv4, no zone id); "unknown" for
+    anything else, so no other text can become an identity."""
+    return _parse_ip(address) or "unknown"
+
+
+def _parse_ip(text: str) -> str | None:
+    # longer than any address with a port: refused before it can take room in the cache
+    return _canonical(text) if len(text) <= MAX_ADDRESS_TEXT else None
 
 
 @lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> str | None:
+def _canonical(text: str) -> str | None:
     text = text.strip().strip('"')
     if text.startswith("["):                      # "[2001:db8::1]:4711" (RFC 7239)
         text = text[1:].partition("]")[0]
@@ -57,8 +64,12 @@ def _parse_ip(text: str) -> str | None:
         address: IPv4Address | IPv6Address = ip_address(text)
     except ValueError:
         return None
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, IPv6Address):
+        if address.scope_id is not None:
+            # a zone only names the sender's interface; kept, every zone would be a new client
+            address = IPv6Address(int(address))
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
     return address.compressed
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -28,21 +29,24 @@ REFUSAL_CACHE_SIZE = 4096             # rendered 429s kept, one per retry delay 
 DENY_MARGIN = 0.01                    # seconds a local refusal ends before the Redis window
 
 
-class DenyCache(dict[str, float]):
-    """Refused clients and the monotonic time their window ends, bounded in size: when full,
-    lapsed entries go first, then the oldest."""
+class DenyCache(OrderedDict[str, float]):
+    """Refused clients and the monotonic time their window ends, oldest first, bounded in size:
+    each add drops lapsed entries from the oldest end, then the oldest while still full."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
 
     def add(self, client: str, until: float) -> None:
-        if len(self) >= self.capacity and client not in self:
-            now = time.monotonic()
-            for lapsed in [c for c, t in self.items() if t <= now]:
-                del self[lapsed]
-            while len(self) >= self.capacity:
-                del self[next(iter(self))]
+        # an OrderedDict, not a dict: a dict's first key after many deletions at its front is
+        # found by skipping every hole they left, so evicting the oldest would not be O(1)
+        self.pop(client, None)
+        now = time.monotonic()
+        while self:
+            oldest = next(iter(self))
+            if len(self) < self.capacity and self[oldest] > now:
+                break
+            del self[oldest]
         self[client] = until
 
 

@@ -14,6 +14,35 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 access_log = logging.getLogger("proxy.access")
 
 
+def escape(text: str) -> str:
+    """`text` safe inside a quoted log field: control and non-ASCII characters, quotes and
+    backslashes as Python escapes (so a CR/LF cannot start a forged line, nor ESC a terminal
+    sequence); printable ASCII text is returned as it is."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+class TextFormatter(logging.Formatter):
+    """The terminal format (UTC times); the text fields of an access record are escaped here,
+    when the line is written, so the record and the JSON format keep the real values."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self.converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        if not isinstance(fields, dict) or record.args is not fields:
+            return super().format(record)
+        record.args = {name: escape(value) if isinstance(value, str) else value
+                       for name, value in fields.items()}
+        try:
+            return super().format(record)
+        finally:
+            record.args = fields
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; access-log records carry their fields as keys."""
 
@@ -35,12 +64,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, fmt: str = "text", access: bool = True) -> None:
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        formatter = logging.Formatter(TEXT_FORMAT)
-        formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # httpx logs every request at INFO: that is an access log we do not want from a proxy
     logging.getLogger("httpx").setLevel(logging.WARNING)

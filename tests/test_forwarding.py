@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -15,6 +16,7 @@ from proxy.forwarding import ClientDisconnected, Forwarder, RequestBody, make_cl
 from proxy.settings import load_settings
 from proxy.transport import UpstreamTransport
 from tests.servers import closed_port
+from tests.test_proxy import raw_exchange
 from tests.upstream import Upstream
 
 UPSTREAM = httpx.URL("http://127.0.0.1:8001")
@@ -361,7 +363,7 @@ async def test_real_upstream_receives_target_unchanged(upstream: tuple[Upstream,
     assert host == [url.removeprefix("http://").encode()]
 
 
-@pytest.mark.parametrize("raw_path", [b"/a/../b", b"/x/./y", b"/static/%2e%2e/../secret"])
+@pytest.mark.parametrize("raw_path", [b"/a/../b", b"/x/./y", b"/static/css/%2e%2e/../secret"])
 async def test_real_upstream_receives_dot_segments_unnormalized(upstream: tuple[Upstream, str],
                                                                 raw_path: bytes) -> None:
     """RFC 9110 7.7: a proxy MUST NOT modify the absolute-path and query it forwards."""
@@ -391,3 +393,56 @@ async def test_control_characters_reach_upstream_recoverably_or_are_refused(
         await response.aread()
         await response.aclose()
     assert unquote_to_bytes(app.seen[-1].raw_path) == raw_path
+
+
+# --- dot segments ---------------------------------------------------------------------------
+
+BASE = httpx.URL("http://127.0.0.1:8001/api/v1")
+CLIMBING = [
+    b"/../etc/passwd", b"/../../etc/passwd", b"/..", b"/a/../../etc/passwd", b"/./../x",
+    b"/%2e%2e/etc/passwd", b"/%2E%2e/etc/passwd", b"/.%2e/etc/passwd", b"/%2e./x",
+    b"/a/%2E%2E/%2e%2e/x", b"//../x", b"/a//../../x", b"/..;/manager", b"/a/..;x=1/..;/x",
+    b"/a%2f..%2f..%2fetc", b"/a/b%2F..%2F..%2F..%2Fx",
+]
+
+
+@pytest.mark.parametrize("upstream", [UPSTREAM, BASE])
+@pytest.mark.parametrize("raw_path", CLIMBING)
+def test_dot_segments_climbing_above_the_root_are_bad_requests(
+        upstream: httpx.URL, raw_path: bytes) -> None:
+    with pytest.raises(BadRequest) as info:
+        forwarder(upstream).target(raw_path, b"")
+    status, headers, body = info.value.render()
+    assert status == 400 and (b"content-type", b"application/problem+json") in headers
+    problem = json.loads(body)
+    assert problem["error"] == "bad_request" and "dot segments" in problem["detail"]
+
+
+def test_absolute_form_target_climbing_above_the_root_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest):
+        forwarder(BASE).target(b"http://evil.example/../x", b"")
+
+
+@pytest.mark.parametrize("raw_path", [
+    b"/a/../b", b"/a/./b", b"/.", b"/./a", b"/a/%2e%2e/b", b"/a/b/../../c", b"/a/..",
+    b"/..\\..\\etc/passwd", b"/%252e%252e/%252e%252e/x", b"/...", b"/..a/x", b"/a.b/..c",
+    b"/%20/x", b"/a%2fb/../c",
+])
+def test_dot_segments_that_stay_below_the_root_are_forwarded_unchanged(raw_path: bytes) -> None:
+    assert forwarder().target(raw_path, b"q=/../..").raw_path == raw_path + b"?q=/../.."
+    assert forwarder(BASE).target(raw_path, b"").raw_path == b"/api/v1" + raw_path
+
+
+async def test_gateway_refuses_a_target_climbing_out_of_the_upstream_base_path(
+        start_gateway: Any, upstream: tuple[Upstream, str]) -> None:
+    async with start_gateway(UPSTREAM_BACKEND_URL=upstream[1] + "/api/v1") as gw:
+        answers = [await raw_exchange(gw.url, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+                   for target in (b"/../../etc/passwd", b"/%2e%2e/%2E%2e/etc/passwd")]
+        async with gw.client() as client:
+            inside = await client.get("/echo")
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"application/problem+json" in head
+        assert json.loads(body)["error"] == "bad_request"
+    assert inside.status_code == 200
+    assert [seen.raw_path for seen in gw.upstream.seen] == [b"/api/v1/echo"]

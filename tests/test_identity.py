@@ -1,9 +1,11 @@
 """Client identity: who the rate limit counts, and when forwarding headers are believed."""
 from __future__ import annotations
 
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
+from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from proxy.identity import client_address, is_trusted, normalize
 
@@ -120,6 +122,33 @@ def test_forwarded_preferred_over_xff_when_both_present() -> None:
     assert client_address(PEER, "198.51.100.99", "for=198.51.100.7", PROXIES) == "198.51.100.7"
 
 
+# --- IPv6 zone ids and hostile text --------------------------------------------------------
+
+def test_every_zone_variant_of_an_ipv6_address_from_a_trusted_hop_is_one_identity() -> None:
+    zones = ["a", "b", "eth0", "25eth0", "evil id", '"quoted"', "\x1b[31m", "\x07", "z" * 80]
+    identities = {client_address(PEER, f"fe80::1%{zone}", None, PROXIES) for zone in zones}
+    identities |= {client_address(PEER, None, f'for="[fe80::1%{zone}]:4711"', PROXIES)
+                   for zone in zones}
+    identities.add(client_address(PEER, None, 'for="[fe80::1%evil id]"', PROXIES))
+    assert identities == {"fe80::1"}
+
+
+def test_zone_id_does_not_hide_a_trusted_hop() -> None:
+    assert client_address(PEER, "198.51.100.7, 2001:db8:ffff::2%eth1", None, PROXIES) == "198.51.100.7"
+
+
+@pytest.mark.parametrize(("xff", "forwarded"), [
+    ("fe80::1%", None), ("fe80::1%a%b", None), ("1.2.3.4%x", None), ('1.2.3.4"', None),
+    ("fe80::1%" + "z" * 200, None), ("[fe80::1%x", None), ("\x1b[2J", None), ("fe80::1%\n", None),
+    (None, 'for="[fe80::1%a"b]"'), (None, 'for="\x1b[2J"'), (None, "for=fe80::1%%"),
+    (None, 'for="[fe80::1%' + "z" * 200 + ']"'), (None, 'for="[::ffff:1.2.3.4%x]"'),
+])
+def test_text_that_is_not_a_canonical_address_never_becomes_an_identity(
+        xff: str | None, forwarded: str | None) -> None:
+    identity = client_address(PEER, xff, forwarded, PROXIES)
+    assert ip_address(identity).compressed == identity and "%" not in identity
+
+
 # --- the peer itself -----------------------------------------------------------------------
 
 def test_none_peer_is_unknown() -> None:
@@ -160,8 +189,23 @@ def test_is_trusted_false_without_trusted_networks() -> None:
     ("::FFFF:c000:0201", "192.0.2.1"),
     ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"),
     ("192.0.2.1", "192.0.2.1"),
+    ("fe80::1%eth0", "fe80::1"),
     ("unknown", "unknown"),
-    ("not an ip", "not an ip"),
+    ("not an ip", "unknown"),
+    ('1.2.3.4" evil', "unknown"),
+    ("\x1b[31m", "unknown"),
 ])
 def test_normalize(text: str, expected: str) -> None:
     assert normalize(text) == expected
+
+
+# --- through the gateway -------------------------------------------------------------------
+
+async def test_zone_variants_through_a_trusted_proxy_share_one_budget_and_one_key(
+        start_gateway: Any, redis: Redis) -> None:
+    async with start_gateway(RATE_LIMIT=1, TRUSTED_PROXIES="127.0.0.1") as gw, gw.client() as client:
+        statuses = [(await client.get("/echo", headers={"X-Forwarded-For": f"fe80::1%{zone}"})).status_code
+                    for zone in ("a", "b", "evil id", "\x1b[31m")]
+        forwarded = await client.get("/echo", headers={"Forwarded": 'for="[fe80::1%evil id]"'})
+    assert statuses == [200, 429, 429, 429] and forwarded.status_code == 429
+    assert await redis.keys("*") == [b"rl:fw1:{fe80::1}"]

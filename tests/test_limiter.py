@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from proxy.embedded_redis import RedisProcess, free_port
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.gateway import make_redis
-from proxy.limiter import RateLimiter
+from proxy.limiter import DENY_CACHE_SIZE, DenyCache, RateLimiter
 from proxy.settings import Settings
 
 SettingsFactory = Callable[..., Settings]
@@ -358,15 +358,74 @@ async def test_other_clients_are_not_refused_by_the_cache(
     assert (await limiter.check("b")).allowed
 
 
-def test_deny_cache_is_bounded_dropping_lapsed_then_oldest() -> None:
-    from proxy.limiter import DenyCache
+def test_deny_cache_drops_lapsed_entries_first_then_the_oldest() -> None:
     cache = DenyCache(3)
     now = time.monotonic()
-    cache.add("old", now + 100)
     cache.add("lapsed", now - 1)
+    cache.add("old", now + 100)                            # the lapsed entry goes, room or not
+    assert list(cache) == ["old"]
     cache.add("mid", now + 100)
-    cache.add("new", now + 100)                            # full: the lapsed entry goes
-    assert set(cache) == {"old", "mid", "new"}
-    cache.add("newer", now + 100)                          # none lapsed: the oldest goes
-    assert set(cache) == {"mid", "new", "newer"}
-    assert len(cache) == 3
+    cache.add("new", now + 100)
+    cache.add("newer", now + 100)                          # full, none lapsed: the oldest goes
+    assert list(cache) == ["mid", "new", "newer"]
+    cache.add("mid", now + 200)                            # refused again: now the youngest
+    cache.add("newest", now + 100)
+    assert list(cache) == ["newer", "mid", "newest"] and cache["mid"] == now + 200
+
+
+def test_deny_cache_keeps_a_live_refused_client_while_there_is_room() -> None:
+    cache = DenyCache(4)
+    now = time.monotonic()
+    cache.add("refused", now + 100)
+    for client in ("a", "b", "c"):
+        cache.add(client, now + 100)
+    assert cache.get("refused") == now + 100 and len(cache) == 4
+
+
+class CountingDenyCache(DenyCache):
+    """Counts every entry a DenyCache method reads, yields or removes, and fails as soon as
+    more than `budget` were touched."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.touched = 0
+        self.budget: float = math.inf
+
+    def touch(self) -> None:
+        self.touched += 1
+        if self.touched > self.budget:
+            raise AssertionError(f"touched more than {self.budget} entries")
+
+    def __iter__(self) -> Any:
+        for client in super().__iter__():
+            self.touch()
+            yield client
+
+    def items(self) -> Any:
+        for item in super().items():
+            self.touch()
+            yield item
+
+    def __getitem__(self, client: str) -> float:
+        self.touch()
+        return super().__getitem__(client)
+
+    def __delitem__(self, client: str) -> None:
+        self.touch()
+        super().__delitem__(client)
+
+    def pop(self, client: str, *default: Any) -> Any:
+        self.touch()
+        return super().pop(client, *default)
+
+
+def test_adding_to_a_full_deny_cache_touches_a_bounded_number_of_entries() -> None:
+    cache = CountingDenyCache(DENY_CACHE_SIZE)
+    until = time.monotonic() + 3600
+    for i in range(DENY_CACHE_SIZE):
+        cache.add(f"old-{i}", until)
+    cache.touched, cache.budget = 0, 5 * 10_000
+    for i in range(10_000):
+        cache.add(f"new-{i}", until)
+    assert len(cache) == DENY_CACHE_SIZE
+    assert "old-9999" not in cache and "old-10000" in cache and "new-9999" in cache

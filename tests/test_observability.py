@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import io
 import logging
 import re
 import signal
@@ -18,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.__main__ import describe
 from proxy.embedded_redis import RedisProcess, free_port
-from proxy.logs import JsonFormatter
+from proxy.logs import JsonFormatter, TextFormatter, escape
 from tests.servers import closed_port
 from tests.test_main import gateway_process, wait_exit
-from tests.test_proxy import eventually
+from tests.test_proxy import eventually, raw_exchange
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,12 +219,12 @@ async def test_access_log_line_has_every_field(start_gateway, caplog):
     assert len(records) == 2
     first, second = (r.fields for r in records)
     assert first == {**first, "request_id": "req-42", "client": "127.0.0.1", "method": "GET",
-                     "path": "/echo", "status": 200, "outcome": "forwarded", "decision": "allowed",
+                     "path": "/echo?q=1", "status": 200, "outcome": "forwarded", "decision": "allowed",
                      "remaining": 0, "bytes": len(ok.content)}
     assert first["total_s"] >= first["upstream_s"] >= 0 and first["queue_s"] >= 0
     assert second["status"] == 429 and second["decision"] == "limited"
     assert second["request_id"] == limited.headers["x-request-id"]
-    assert "req-42" in records[0].getMessage() and '"GET /echo"' in records[0].getMessage()
+    assert "req-42" in records[0].getMessage() and '"GET /echo?q=1"' in records[0].getMessage()
 
 
 def test_json_log_lines_carry_the_fields():
@@ -234,6 +235,71 @@ def test_json_log_lines_carry_the_fields():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
     plain = logging.LogRecord("proxy", logging.WARNING, __file__, 1, "hello %s", ("you",), None)
     assert json.loads(JsonFormatter().format(plain))["message"] == "hello you"
+
+
+TEXT_ACCESS_LINE = re.compile(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO \[\d+\] proxy\.access: '
+                              r'[0-9a-f]{32} 127\.0\.0\.1 "GET (?:[ !#-\[\]-~]|\\.)*" 200 forwarded '
+                              r'decision=allowed remaining=\d+ queue=[\d.]+ upstream=[\d.]+ '
+                              r'total=[\d.]+ bytes=\d+')
+FORGING_TARGETS = [
+    b"/x%0d%0a2026-12-01%2000:00:00,000%20INFO%20[1]%20proxy.access:%20forged%20line",
+    b"/x%0a%0d%1b[2J%1b]0;title%07%08",
+    b"/x%22%20200%20forwarded%20decision=allowed%20%22",
+    b'/x"%20200%20forwarded"',
+    b"/x\\%22\\",
+    b"/x?q=%0d%0afake&r=\"%1b",
+]
+
+
+async def test_text_access_log_cannot_be_forged_by_the_request_target(start_gateway, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(TextFormatter())
+    logging.getLogger("proxy.access").addHandler(handler)
+    try:
+        async with start_gateway() as gw:
+            for target in FORGING_TARGETS:
+                answer = await raw_exchange(gw.url, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+                assert answer.startswith(b"HTTP/1.1 200 ")
+            await eventually(lambda: out.getvalue().count("\n") >= len(FORGING_TARGETS), "access lines")
+    finally:
+        logging.getLogger("proxy.access").removeHandler(handler)
+    lines = out.getvalue().split("\n")
+    assert lines.pop() == "" and len(lines) == len(FORGING_TARGETS)
+    for line, target in zip(lines, FORGING_TARGETS):
+        assert TEXT_ACCESS_LINE.fullmatch(line), line
+        assert f'"GET {escape(target.decode("latin-1"))}"' in line
+    fields = [r.fields for r in caplog.records if r.name == "proxy.access"]
+    assert [f["path"] for f in fields] == [t.decode("latin-1") for t in FORGING_TARGETS]
+
+
+def test_text_format_escapes_every_text_field_and_json_keeps_the_real_values():
+    fields = {"request_id": "r1", "client": "fe80::1\x1b[31m", "method": 'G"ET\\',
+              "path": "/a\r\n2026-12-01 00:00:00,000 INFO x\x07\x9b\u20ac", "status": 200}
+    message = '%(request_id)s %(client)s "%(method)s %(path)s" %(status)s'
+    record = logging.LogRecord("proxy.access", logging.INFO, __file__, 1, message, (fields,), None)
+    record.fields = fields
+    line = TextFormatter().format(record)
+    assert line.endswith(' proxy.access: r1 fe80::1\\x1b[31m "G\\"ET\\\\ '
+                         '/a\\r\\n2026-12-01 00:00:00,000 INFO x\\x07\\x9b\\u20ac" 200')
+    assert line.isascii() and line.isprintable()
+    assert record.getMessage() == message % fields
+    assert {k: json.loads(JsonFormatter().format(record))[k] for k in fields} == fields
+
+
+def test_configured_text_log_escapes_access_fields():
+    script = textwrap.dedent("""
+        from proxy.logs import access_log, configure_logging
+        configure_logging("INFO", "text")
+        fields = {"client": "\\x1b[31m", "path": "/x\\r\\n2026-12-01 00:00:00,000 INFO fake"}
+        access_log.info('%(client)s "%(path)s"', fields, extra={"fields": fields})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.endswith(' proxy.access: \\x1b[31m "/x\\r\\n2026-12-01 00:00:00,000 INFO fake"\n')
+    assert done.stderr.count("\n") == 1
 
 
 async def test_sane_request_id_round_trips(start_gateway):
