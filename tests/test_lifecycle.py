@@ -1,0 +1,103 @@
+"""A request's life when one side leaves early: clients that disconnect while queued or while
+their request is at the upstream."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from tests.test_observability import samples, value
+from tests.test_proxy import eventually
+
+QUEUED = 6                                     # clients that queue and leave
+
+
+async def connect(url: str, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port), local_addr=(source, 0))
+
+
+def request(method: bytes, target: bytes, body: bytes = b"") -> bytes:
+    head = b"%s %s HTTP/1.1\r\nHost: gateway\r\n" % (method, target)
+    if body:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"\r\n" + body
+
+
+async def leave(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_queued_clients_that_leave_are_not_forwarded(start_gateway):
+    """Each queued client (without a body, or with a small one) closes its socket: it leaves the
+    queue at once and never reaches the upstream, even after the slot frees up."""
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1, QUEUE_TIMEOUT=60) as gw, \
+            gw.client() as client:
+        holder = asyncio.create_task(client.get("/hold"))
+        await eventually(lambda: gw.upstream.in_flight == 1, "the slot to be held upstream")
+        writers = []
+        for i in range(QUEUED):
+            _, writer = await connect(gw.url, f"127.0.0.{2 + i}")
+            writer.write(request(b"POST", b"/gone-%d" % i, b"x" * 100) if i % 2
+                         else request(b"GET", b"/gone-%d" % i))
+            await writer.drain()
+            writers.append(writer)
+            await eventually(lambda: gw.gateway.slots.waiting == len(writers), f"client {i} queued")
+        for writer in writers:
+            await leave(writer)
+        await eventually(lambda: gw.gateway.slots.waiting == 0, "the queue to empty")
+        gauges = samples((await client.get("/metrics")).text)
+        gw.upstream.release.set()
+        assert (await holder).status_code == 200
+        after = await client.get("/after")          # first come first served: behind any waiter
+        scrape = samples((await client.get("/metrics")).text)
+    assert after.status_code == 200
+    assert [s.raw_path for s in gw.upstream.seen] == [b"/hold", b"/after"]
+    assert value(gauges, "gateway_queue_waiting") == 0
+    assert value(gauges, "gateway_upstream_in_flight") == 1
+    closed = {m: value(scrape, "gateway_requests_total", outcome="client_closed", method=m,
+                       status_class="4xx") for m in ("GET", "POST")}
+    assert closed == {"GET": QUEUED // 2, "POST": QUEUED // 2}
+    assert gw.gateway.slots.in_use == 0 and not gw.gateway.slots.waiters
+
+
+@pytest.mark.parametrize("method, body", [(b"GET", b""), (b"POST", b"y" * 1000)])
+async def test_client_that_leaves_while_upstream_holds_frees_its_slot(start_gateway, caplog,
+                                                                      method, body):
+    """The request at the upstream is cancelled and its slot is free again while the upstream
+    is still holding it; the next request goes through without waiting for the upstream."""
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1, QUEUE_TIMEOUT=60) as gw, \
+            gw.client() as client:
+        _, writer = await connect(gw.url)
+        writer.write(request(method, b"/hold", body))
+        await writer.drain()
+        await eventually(lambda: gw.upstream.in_flight == 1 and gw.gateway.slots.in_use == 1,
+                         "the request to be held upstream")
+        await leave(writer)
+        await eventually(lambda: gw.gateway.slots.in_use == 0, "the slot to be freed")
+        assert gw.upstream.in_flight == 1                 # the upstream has not answered
+        next_one = await client.get("/echo")
+        scrape = samples((await client.get("/metrics")).text)
+    assert next_one.status_code == 200
+    assert value(scrape, "gateway_requests_total", outcome="client_closed",
+                 method=method.decode(), status_class="4xx") == 1
+    lines = [r.fields for r in caplog.records if r.name == "proxy.access"]
+    assert [(f["path"], f["status"], f["outcome"]) for f in lines][0] == ("/hold", 499, "client_closed")
+
+
+async def test_client_that_leaves_mid_download_is_counted_client_closed(start_gateway):
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1) as gw, gw.client() as client:
+        reader, writer = await connect(gw.url)
+        writer.write(request(b"GET", b"/stream"))
+        await writer.drain()
+        assert b"first;" in await reader.readuntil(b"first;")
+        await leave(writer)
+        await eventually(lambda: gw.gateway.slots.in_use == 0, "the slot to be freed")
+        scrape = samples((await client.get("/metrics")).text)
+    assert value(scrape, "gateway_requests_total", outcome="client_closed", method="GET",
+                 status_class="4xx") == 1
+    assert value(scrape, "gateway_requests_total", outcome="forwarded", method="GET",
+                 status_class="2xx") == 0
