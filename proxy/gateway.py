@@ -178,6 +178,8 @@ class Gateway:
                         ex.client, self.settings.upstream_timeout, stalled.sent)
         except ClientClosed as closed:
             ex.outcome, ex.status, ex.sent = "client_closed", 499, closed.sent
+        except UpstreamAborted as aborted:
+            ex.outcome, ex.sent = "upstream_aborted", aborted.sent
 
     async def _decide(self, ex: Exchange) -> Decision:
         asked = time.perf_counter()
@@ -307,13 +309,21 @@ class ClientClosed(Exception):
         self.sent = sent
 
 
+class UpstreamAborted(Exception):
+    """The upstream failed in the middle of its response body; the client's response is cut."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"upstream aborted after {sent} bytes")
+        self.sent = sent
+
+
 async def relay(upstream: httpx.Response, extra: list[Header], send: Send, watch: ClientWatch,
                 body: RequestBody | None, release: Release, timeout: float) -> int:
     """Stream the upstream response to the client; returns the body bytes relayed. The slot is
     held until the last byte is relayed or the client goes away: unless the whole body is
     already in memory, the watch cancels the relay as soon as the client disconnects
     (ClientClosed). A send stuck for `timeout` (a client that stopped reading) aborts the
-    response: ClientStalled."""
+    response: ClientStalled; an upstream failing mid-body: UpstreamAborted."""
     stream = upstream.stream
     sent = 0
     task = asyncio.current_task()
@@ -357,8 +367,9 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, watch
                 raise ClientClosed(sent) from None
             raise
         except httpx.HTTPError as exc:
-            log.warning("upstream failed mid-body (%s); aborting the response", exc)
-            return sent                              # ends the stream without its last chunk
+            log.warning("upstream failed mid-body: %s %s after %d bytes (%s); response aborted",
+                        upstream.request.method, upstream.request.url, sent, exc)
+            raise UpstreamAborted(sent) from exc      # ends the stream without its last chunk
         if body is not None and not body.complete and not body.client_gone:
             # the upstream answered without reading the whole upload: stop sending it on, and
             # read a small rest before the response ends so the keep-alive connection survives

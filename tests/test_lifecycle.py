@@ -1,10 +1,11 @@
 """A request's life when one side leaves early: clients that disconnect while queued or while
-their request is at the upstream."""
+their request is at the upstream, and an upstream that fails in the middle of its body."""
 from __future__ import annotations
 
 import asyncio
 import logging
 
+import httpx
 import pytest
 
 from tests.test_observability import samples, value
@@ -101,3 +102,33 @@ async def test_client_that_leaves_mid_download_is_counted_client_closed(start_ga
                  status_class="4xx") == 1
     assert value(scrape, "gateway_requests_total", outcome="forwarded", method="GET",
                  status_class="2xx") == 0
+
+
+async def test_upstream_failing_mid_body_is_counted_upstream_aborted(start_gateway, make_settings,
+                                                                    caplog):
+    """The status the client already got stays in the log; the outcome says the body was cut."""
+    caplog.set_level(logging.INFO, logger="proxy.access")
+
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(half, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{port}")
+        async with start_gateway(settings) as gw, gw.client() as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/cut")
+            await eventually(lambda: gw.gateway.slots.in_use == 0, "slot release")
+            scrape = samples((await client.get("/metrics")).text)
+    assert value(scrape, "gateway_requests_total", outcome="upstream_aborted", method="GET",
+                 status_class="2xx") == 1
+    assert value(scrape, "gateway_requests_total", outcome="forwarded", method="GET",
+                 status_class="2xx") == 0
+    lines = [r.fields for r in caplog.records if r.name == "proxy.access"]
+    assert [(f["path"], f["status"], f["outcome"], f["bytes"]) for f in lines] == [
+        ("/cut", 200, "upstream_aborted", 10)]
+    culprit = [r.getMessage() for r in caplog.records if r.name == "proxy.gateway"]
+    assert any("upstream failed mid-body" in m and "/cut" in m for m in culprit)
