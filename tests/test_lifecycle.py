@@ -8,8 +8,10 @@ import logging
 import httpx
 import pytest
 
+from proxy.app import create_app
+from tests.servers import gateway_config, serving
 from tests.test_observability import samples, value
-from tests.test_proxy import eventually
+from tests.test_proxy import DEADLINE, eventually
 
 QUEUED = 6                                     # clients that queue and leave
 
@@ -132,3 +134,26 @@ async def test_upstream_failing_mid_body_is_counted_upstream_aborted(start_gatew
         ("/cut", 200, "upstream_aborted", 10)]
     culprit = [r.getMessage() for r in caplog.records if r.name == "proxy.gateway"]
     assert any("upstream failed mid-body" in m and "/cut" in m for m in culprit)
+
+
+async def test_idle_connection_is_closed_as_soon_as_its_client_closes(make_settings, redis):
+    """Between requests, a client's FIN must close the server's side at once, not after the
+    keep-alive timeout (a socket and fd left in CLOSE-WAIT per closed connection meanwhile).
+    The keep-alive timeout here is far past the hang guard, so waiting for it fails."""
+    settings = make_settings()
+    config = gateway_config(settings)
+    config.keep_alive_timeout = 10 * DEADLINE
+    async with serving(create_app(settings), config) as url:
+        reader, writer = await connect(url)
+        try:
+            writer.write(request(b"GET", b"/echo"))
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            await reader.readexactly(length)
+            writer.write_eof()                   # the client is done: its FIN, the socket kept
+            assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
+        finally:
+            writer.close()
