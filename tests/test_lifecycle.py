@@ -3,6 +3,7 @@ their request is at the upstream, and an upstream that fails in the middle of it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 
 import httpx
@@ -157,3 +158,58 @@ async def test_idle_connection_is_closed_as_soon_as_its_client_closes(make_setti
             assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("size", [100, 3 * 65536 + 7])
+async def test_queued_upload_that_stays_reaches_the_upstream_intact(start_gateway, size):
+    """What the watch reads ahead of a queued upload is handed on, in order, to the forwarding."""
+    body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1, QUEUE_TIMEOUT=60) as gw, \
+            gw.client() as client, gw.client("127.0.0.2") as other:
+        holder = asyncio.create_task(client.get("/hold"))
+        await eventually(lambda: gw.upstream.in_flight == 1, "the slot to be held upstream")
+        upload = asyncio.create_task(other.post("/echo", content=body))
+        await eventually(lambda: gw.gateway.slots.waiting == 1, "the upload to queue")
+        gw.upstream.release.set()
+        assert (await holder).status_code == 200
+        echo = (await upload).json()
+    assert echo["body_size"] == size
+    assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_queued_client_that_leaves_mid_upload_frees_everything_once_its_turn_comes(
+        start_gateway):
+    """Past the read-ahead the watch cannot see the disconnect; the body's reader does, when the
+    slot comes: the request is counted client_closed and nothing stays taken."""
+    async with start_gateway(MAX_CONCURRENT_REQUESTS=1, QUEUE_TIMEOUT=60) as gw, \
+            gw.client() as client:
+        holder = asyncio.create_task(client.get("/hold"))
+        await eventually(lambda: gw.upstream.in_flight == 1, "the slot to be held upstream")
+        _, writer = await connect(gw.url, "127.0.0.2")
+        writer.write(b"POST /cut HTTP/1.1\r\nHost: gateway\r\nContent-Length: %d\r\n\r\n" % (1 << 20))
+        writer.write(b"u" * (300 << 10))
+        await writer.drain()
+        await eventually(lambda: gw.gateway.slots.waiting == 1, "the upload to queue")
+        await leave(writer)
+        gw.upstream.release.set()
+        assert (await holder).status_code == 200
+        await eventually(lambda: gw.gateway.slots.waiting == 0 and gw.gateway.slots.in_use == 0,
+                         "the slot and the queue to be free")
+        scrape = samples((await client.get("/metrics")).text)
+        assert (await client.get("/echo")).status_code == 200
+    assert value(scrape, "gateway_requests_total", outcome="client_closed", method="POST",
+                 status_class="4xx") == 1
+
+
+async def test_streamed_responses_that_complete_are_counted_forwarded(start_gateway):
+    """Hypercorn queues an http.disconnect of its own once a response ends: the watch of a
+    streamed download must be gone by then, or finished requests would count as client_closed."""
+    async with start_gateway() as gw, gw.client() as client:
+        gw.upstream.proceed.set()
+        bodies = [(await client.get("/stream?chunks=4")).content for _ in range(5)]
+        scrape = samples((await client.get("/metrics")).text)
+    assert bodies == [b"first;chunk1;chunk2;chunk3;"] * 5
+    assert value(scrape, "gateway_requests_total", outcome="forwarded", method="GET",
+                 status_class="2xx") == 5
+    assert value(scrape, "gateway_requests_total", outcome="client_closed", method="GET",
+                 status_class="4xx") == 0
