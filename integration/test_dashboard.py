@@ -383,6 +383,7 @@ def test_dashboard_covers_the_requested_views() -> None:
         "sum by (outcome) (rate(gateway_requests_total[1m]))",
         'sum(rate(gateway_requests_total{outcome="rate_limited"}[1m]))',
         'sum(rate(gateway_requests_total{outcome="upstream_error"}[1m]))',
+        'sum(rate(gateway_requests_total{outcome="upstream_aborted"}[1m]))',
         "sum by (decision) (rate(gateway_ratelimit_decisions_total[1m]))",
         *(f"histogram_quantile({q}, sum by (le) (rate(gateway_request_duration_seconds_bucket[1m])))"
           for q in ("0.5", "0.95", "0.99")),

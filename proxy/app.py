@@ -10,6 +10,7 @@ from typing import Any
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
+from . import idle
 from .gateway import Gateway, Receive, Scope, Send
 from .logs import configure_from
 from .metrics import CONTENT_TYPE
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     if settings is None:                              # a Hypercorn worker: configure it fully
         settings = load_settings(os.environ, Path(".env"))
         configure_from(settings)
+    idle.install()                                    # before the worker accepts connections
     gateway = Gateway(settings)
     app = Quart(__name__)
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, BODY_TIMEOUT=10, RESPONSE_TIMEOUT=10)

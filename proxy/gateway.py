@@ -34,6 +34,7 @@ from .metrics import Metrics
 from .pipeline import Pipeline
 from .settings import Settings
 from .shaping import ForwardSlots, Release
+from .watch import ClientWatch
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -50,6 +51,9 @@ OUTCOME_BY_ERROR: dict[type[GatewayError], str] = {
 REQUEST_ID = b"x-request-id"
 CLOSE = (b"connection", b"close")
 DISCONNECT_WAIT = 5.0          # longest wait for http.disconnect after an answer that left a body unread
+# a request still waiting for the upstream's head after this long gets a watch for its client
+# leaving; a quicker upstream costs no watch task
+WATCH_AFTER = 0.1
 SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=~-]{1,128}")
 
 
@@ -128,29 +132,35 @@ class Gateway:
         trusted = self.settings.trusted_proxies
         client = client_address(peer, *_forwarding(headers) if trusted else (None, None), trusted)
         ex = Exchange(_request_id(headers), client, scope["method"], _target(scope), time.perf_counter())
+        watch = ClientWatch(receive)
         try:
-            await self._serve(ex, scope, headers, peer, receive, send)
+            await self._serve(ex, scope, headers, peer, watch, send)
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                raise
+            ex.outcome, ex.status = "client_closed", 499
         finally:
+            watch.stop()
             self._finish(ex)
 
     async def _serve(self, ex: Exchange, scope: Scope, headers: list[Header], peer: str,
-                     receive: Receive, send: Send) -> None:
+                     watch: ClientWatch, send: Send) -> None:
         try:
-            ex.body = body = self._body(headers, receive)
+            ex.body = body = self._body(headers, watch.receive)
             decision = await self._decide(ex)
             if decision.allowed:
-                upstream, release = await self._open(ex, scope, headers, peer, body)
+                upstream, release = await self._open(ex, scope, headers, peer, body, watch)
             elif body is not None:
                 raise self.limiter.reject(decision)     # the unread upload needs _refuse's care
         except ClientDisconnected:
             ex.outcome, ex.status = "client_closed", 499
             return
         except GatewayError as err:
-            await self._refuse(ex, send, receive, err)
+            await self._refuse(ex, send, watch, err)
             return
         except Exception:  # noqa: BLE001 - the one place a bug becomes a clean 500
             log.exception("unexpected error before the response started")
-            await self._refuse(ex, send, receive,
+            await self._refuse(ex, send, watch,
                                GatewayError("The gateway failed to handle the request."))
             return
         if not decision.allowed:              # the flood case: a prepared answer, nothing raised
@@ -160,12 +170,16 @@ class Gateway:
         ex.outcome, ex.status = "forwarded", upstream.status_code
         extra = [*decision.headers, (REQUEST_ID, ex.request_id)]
         try:
-            ex.sent = await relay(upstream, extra, send, receive, body, release,
+            ex.sent = await relay(upstream, extra, send, watch, body, release,
                                   self.settings.upstream_timeout)
         except ClientStalled as stalled:
             ex.sent = stalled.sent
             log.warning("client %s stopped reading its response for %gs; aborted after %d bytes",
                         ex.client, self.settings.upstream_timeout, stalled.sent)
+        except ClientClosed as closed:
+            ex.outcome, ex.status, ex.sent = "client_closed", 499, closed.sent
+        except UpstreamAborted as aborted:
+            ex.outcome, ex.sent = "upstream_aborted", aborted.sent
 
     async def _decide(self, ex: Exchange) -> Decision:
         asked = time.perf_counter()
@@ -177,23 +191,28 @@ class Gateway:
         return decision
 
     async def _open(self, ex: Exchange, scope: Scope, headers: list[Header], peer: str,
-                    body: RequestBody | None) -> tuple[httpx.Response, Release]:
+                    body: RequestBody | None, watch: ClientWatch) -> tuple[httpx.Response, Release]:
         """Wait for a forwarding slot and send the request upstream; the slot is the caller's
-        once the upstream's response head has arrived."""
+        once the upstream's response head has arrived. A client leaving meanwhile cancels this
+        (the watch starts at once in the queue, after WATCH_AFTER at the upstream)."""
         url = self.forwarder.target(scope.get("raw_path") or scope["path"].encode(),
                                     scope["query_string"])
-        queued = time.perf_counter()
-        release = await self.slots.acquire()                               # QueueTimeout -> 503
-        sent = time.perf_counter()
-        ex.queue = sent - queued
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, watch.start)
         try:
-            outgoing = upstream_request_headers(
-                headers, peer=peer, scheme=scope["scheme"], request_id=ex.request_id,
-                trust_forwarding=is_trusted(peer, self.settings.trusted_proxies))
-            upstream = await self.forwarder.open(scope["method"], url, outgoing, body)  # 502/504
-        except BaseException:
-            release()
-            raise
+            queued = time.perf_counter()
+            release = await self.slots.acquire(watch.start)                # QueueTimeout -> 503
+            sent = time.perf_counter()
+            ex.queue = sent - queued
+            try:
+                outgoing = upstream_request_headers(
+                    headers, peer=peer, scheme=scope["scheme"], request_id=ex.request_id,
+                    trust_forwarding=is_trusted(peer, self.settings.trusted_proxies))
+                upstream = await self.forwarder.open(scope["method"], url, outgoing, body)  # 502/504
+            except BaseException:
+                release()
+                raise
+        finally:
+            timer.cancel()
         ex.upstream = time.perf_counter() - sent
         return upstream, release
 
@@ -217,8 +236,9 @@ class Gateway:
             return RequestBody(receive, self.settings.max_body_size, declared)
         return None
 
-    async def _refuse(self, ex: Exchange, send: Send, receive: Receive, err: GatewayError) -> None:
+    async def _refuse(self, ex: Exchange, send: Send, watch: ClientWatch, err: GatewayError) -> None:
         """Answer with the error; every limited-path answer carries the rate-limit headers."""
+        watch.stop()
         if ex.decision is not None and not isinstance(err, RateLimited):
             err.headers.extend(ex.decision.headers)
         upload = ex.body
@@ -231,7 +251,7 @@ class Gateway:
         ex.outcome = OUTCOME_BY_ERROR.get(type(err), "internal_error")
         # closing (here, or _body's refusals, which read nothing): the body may be left unread
         unread = CLOSE in err.headers and not (upload is not None and upload.client_gone)
-        await self._answer(ex, send, *err.render(), receive=receive if unread else None)
+        await self._answer(ex, send, *err.render(), receive=watch.receive if unread else None)
 
     @staticmethod
     async def _answer(ex: Exchange, send: Send, status: int, headers: list[Header],
@@ -281,13 +301,29 @@ class ClientStalled(Exception):
         self.sent = sent
 
 
-async def relay(upstream: httpx.Response, extra: list[Header], send: Send, receive: Receive,
+class ClientClosed(Exception):
+    """The client disconnected while its response was being relayed."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"client closed after {sent} bytes")
+        self.sent = sent
+
+
+class UpstreamAborted(Exception):
+    """The upstream failed in the middle of its response body; the client's response is cut."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"upstream aborted after {sent} bytes")
+        self.sent = sent
+
+
+async def relay(upstream: httpx.Response, extra: list[Header], send: Send, watch: ClientWatch,
                 body: RequestBody | None, release: Release, timeout: float) -> int:
     """Stream the upstream response to the client; returns the body bytes relayed. The slot is
     held until the last byte is relayed or the client goes away: unless the whole body is
-    already in memory, a watcher closes the upstream as soon as the client disconnects. A send
-    stuck for `timeout` (a client that stopped reading) aborts the response: ClientStalled."""
-    watcher: asyncio.Task[None] | None = None
+    already in memory, the watch cancels the relay as soon as the client disconnects
+    (ClientClosed). A send stuck for `timeout` (a client that stopped reading) aborts the
+    response: ClientStalled; an upstream failing mid-body: UpstreamAborted."""
     stream = upstream.stream
     sent = 0
     task = asyncio.current_task()
@@ -307,12 +343,14 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
         await send({"type": "http.response.start", "status": upstream.status_code,
                     "headers": headers + extra})
         if not getattr(stream, "buffered_all", False) and (body is None or body.complete):
-            watcher = asyncio.create_task(_close_on_disconnect(receive, upstream))
+            watch.start()
         finished = False
         try:
             async for chunk in stream:                   # type: ignore[union-attr]
                 # the last chunk ends the response itself, unless an upload is still coming
                 finished = getattr(stream, "done", False) and (body is None or body.complete)
+                if finished:
+                    watch.stop()
                 timer = loop.call_later(timeout, stall)  # a timer, not wait_for: no task per chunk
                 try:
                     await send({"type": "http.response.body", "body": chunk,
@@ -321,15 +359,17 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
                     timer.cancel()
                 sent += len(chunk)
         except asyncio.CancelledError:
-            if not stalled:
-                raise
-            if sys.version_info >= (3, 11):
-                task.uncancel()
-            raise ClientStalled(sent) from None
+            if stalled:
+                if sys.version_info >= (3, 11):
+                    task.uncancel()
+                raise ClientStalled(sent) from None
+            if watch.absorb():
+                raise ClientClosed(sent) from None
+            raise
         except httpx.HTTPError as exc:
-            if not (watcher is not None and watcher.done()):
-                log.warning("upstream failed mid-body (%s); aborting the response", exc)
-            return sent                              # ends the stream without its last chunk
+            log.warning("upstream failed mid-body: %s %s after %d bytes (%s); response aborted",
+                        upstream.request.method, upstream.request.url, sent, exc)
+            raise UpstreamAborted(sent) from exc      # ends the stream without its last chunk
         if body is not None and not body.complete and not body.client_gone:
             # the upstream answered without reading the whole upload: stop sending it on, and
             # read a small rest before the response ends so the keep-alive connection survives
@@ -338,22 +378,16 @@ async def relay(upstream: httpx.Response, extra: list[Header], send: Send, recei
             if body.drainable:
                 await body.drain()
         if not finished:
+            watch.stop()
             last = {"type": "http.response.body", "body": b"", "more_body": False}
             if body is not None and not body.complete and not body.client_gone:
-                await end_unread(send, receive, last)           # too much left: close instead
+                await end_unread(send, watch.receive, last)     # too much left: close instead
             else:
                 await send(last)
         return sent
     finally:
-        if watcher is not None:
-            watcher.cancel()
         await upstream.aclose()
         release()
-
-
-async def _close_on_disconnect(receive: Receive, upstream: httpx.Response) -> None:
-    await _until_disconnect(receive)
-    await upstream.aclose()
 
 
 async def _until_disconnect(receive: Receive) -> None:

@@ -14,8 +14,8 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest, values)
 from prometheus_client.multiprocess import MultiProcessCollector
 
-OUTCOMES = ("forwarded", "rate_limited", "shed", "upstream_error", "limiter_error",
-            "client_error", "client_closed", "internal_error")
+OUTCOMES = ("forwarded", "rate_limited", "shed", "upstream_error", "upstream_aborted",
+            "limiter_error", "client_error", "client_closed", "internal_error")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0, 60.0)

@@ -33,8 +33,9 @@ class ForwardSlots:
         if self.observer is not None:
             self.observer(self.in_use, len(self.waiters))
 
-    async def acquire(self) -> Release:
-        """Wait for a slot; returns an idempotent release. Raises QueueTimeout after the timeout."""
+    async def acquire(self, on_wait: Callable[[], None] | None = None) -> Release:
+        """Wait for a slot; returns an idempotent release. Raises QueueTimeout after the timeout;
+        `on_wait` is called when the caller has to queue, a cancelled waiter leaves the queue."""
         if self.in_use < self.capacity and not self.waiters:
             self.in_use += 1
             self.peak = max(self.peak, self.in_use)
@@ -43,6 +44,8 @@ class ForwardSlots:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         self._changed()
+        if on_wait is not None:
+            on_wait()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:

@@ -255,3 +255,16 @@ async def test_release_returned_after_timeout_race_is_not_double_counted(
     assert slots.in_use == 1 and not slots.waiters
     got[0]()
     assert slots.in_use == 0
+
+
+async def test_on_wait_is_called_only_when_the_caller_must_queue() -> None:
+    slots = ForwardSlots(capacity=1, queue_timeout=LONG)
+    calls: list[str] = []
+    holder = await slots.acquire(lambda: calls.append("first"))
+    assert calls == []                           # a free slot: no waiting, no call
+    task = asyncio.create_task(slots.acquire(lambda: calls.append("queued")))
+    await until(lambda: slots.waiting == 1)
+    assert calls == ["queued"]
+    holder()
+    (await task)()
+    assert slots.in_use == 0
