@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from .gateway import Gateway, Receive, Scope, Send
 from .logs import configure_from
 from .metrics import CONTENT_TYPE
+from .server import install
 from .settings import Settings, load_settings
 
 OWN_PATHS = frozenset({"/health", "/metrics"})
@@ -27,10 +28,18 @@ class ProxyRoute:
         self.quart_asgi = quart_asgi
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OWN_PATHS:
-            await self.gateway.handle(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.quart_asgi(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path[:1] != "/":               # absolute form: the gateway's own paths stay its own
+            path = "/" + path.partition("://")[2].partition("/")[2]
+            if path in OWN_PATHS:
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+        if path in OWN_PATHS:
+            await self.quart_asgi(scope, receive, send)
+        else:
+            await self.gateway.handle(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Quart:
@@ -38,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     if settings is None:                              # a Hypercorn worker: configure it fully
         settings = load_settings(os.environ, Path(".env"))
         configure_from(settings)
+    install()                                         # a spawned worker's Hypercorn, too
     gateway = Gateway(settings)
     app = Quart(__name__)
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, BODY_TIMEOUT=10, RESPONSE_TIMEOUT=10)
