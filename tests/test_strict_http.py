@@ -298,3 +298,28 @@ async def test_h2c_on_a_valid_request_is_forwarded(start_gateway: GatewayFactory
         assert status == 200
         assert (json.loads(body)["raw_path"], json.loads(body)["query"]) == ("/a", "x=1")
         assert gw.upstream.seen[0].header(b"x-a") == [b"a\tb"]
+
+
+async def poll(condition: Any, what: str) -> None:
+    end = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {DEADLINE}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_h2c_on_a_closed_connection_frees_its_slot_when_the_upstream_answers(
+        start_gateway: GatewayFactory) -> None:
+    # UPSTREAM_TIMEOUT far beyond the deadline: only the release on close can free the slot
+    async with start_gateway(GATEWAY_H2C="on", UPSTREAM_TIMEOUT=120) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.3", 0))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, h2_request(b"GET", b"/hold"), end_stream=True)
+        writer.write(conn.data_to_send())
+        await poll(lambda: gw.upstream.in_flight == 1, "request held upstream")
+        writer.close()
+        await writer.wait_closed()
+        gw.upstream.release.set()
+        await poll(lambda: gw.gateway.slots.in_use == 0, "slot freed")
