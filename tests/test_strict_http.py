@@ -323,3 +323,12 @@ async def test_h2c_on_a_closed_connection_frees_its_slot_when_the_upstream_answe
         await writer.wait_closed()
         gw.upstream.release.set()
         await poll(lambda: gw.gateway.slots.in_use == 0, "slot freed")
+
+
+async def test_pipelined_requests_and_an_empty_line_before_one_are_all_answered(
+        start_gateway: GatewayFactory) -> None:
+    async with start_gateway() as gw:
+        raw = await exchange(gw.url, b"GET /one HTTP/1.1\r\n" + HOST + b"\r\n\r\n"
+                             b"GET /two HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
+        assert [status for status, _, _ in responses(raw)] == [200, 200]
+        assert [s.raw_path for s in gw.upstream.seen] == [b"/one", b"/two"]
