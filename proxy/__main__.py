@@ -14,15 +14,20 @@ from hypercorn.run import run
 
 from .embedded_redis import RedisBinaryNotFound, RedisProcess
 from .logs import configure_from
+from .server import GatewayConfig, install
 from .settings import Settings, SettingsError, load_settings, mask_secrets
+from .strict import HEAD_LIMIT
 from .tempdirs import private_tempdir
 
 log = logging.getLogger("proxy")
 
 
 def hypercorn_config(settings: Settings) -> Config:
-    """Hypercorn set up for a proxy: explicit header and queue limits, no server headers of its own."""
-    config = Config()
+    """Hypercorn set up for a proxy: explicit header and queue limits, no server headers of its
+    own, the strict protocols of proxy/server.py (h2c only with GATEWAY_H2C)."""
+    install()
+    config = GatewayConfig()
+    config.h2c = settings.gateway_h2c
     host = f"[{settings.gateway_host}]" if ":" in settings.gateway_host else settings.gateway_host
     config.bind = [f"{host}:{settings.gateway_port}"]
     config.application_path = "proxy.app:create_app()"
@@ -32,7 +37,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.graceful_timeout = settings.shutdown_timeout
     config.keep_alive_timeout = 5
     config.backlog = 1024
-    config.h11_max_incomplete_size = 32 * 1024         # request line + headers
+    config.h11_max_incomplete_size = HEAD_LIMIT         # request line + headers (StrictConnection)
     config.h2_max_inbound_frame_size = 64 * 1024
     config.max_app_queue_size = 4                       # body chunks (<= 64 KiB) buffered per request
     config.include_server_header = False                # the upstream's Server/Date pass through

@@ -10,7 +10,7 @@ from typing import Any
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
-from . import idle
+from . import idle, server
 from .gateway import Gateway, Receive, Scope, Send
 from .logs import configure_from
 from .metrics import CONTENT_TYPE
@@ -28,10 +28,18 @@ class ProxyRoute:
         self.quart_asgi = quart_asgi
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OWN_PATHS:
-            await self.gateway.handle(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.quart_asgi(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path[:1] != "/":               # absolute form: the gateway's own paths stay its own
+            path = "/" + path.partition("://")[2].partition("/")[2]
+            if path in OWN_PATHS:
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+        if path in OWN_PATHS:
+            await self.quart_asgi(scope, receive, send)
+        else:
+            await self.gateway.handle(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Quart:
@@ -40,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         settings = load_settings(os.environ, Path(".env"))
         configure_from(settings)
     idle.install()                                    # before the worker accepts connections
+    server.install()                                  # a spawned worker's Hypercorn, too
     gateway = Gateway(settings)
     app = Quart(__name__)
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, BODY_TIMEOUT=10, RESPONSE_TIMEOUT=10)

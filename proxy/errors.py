@@ -43,12 +43,20 @@ class BadRequest(GatewayError):
     status, code, title = 400, "bad_request", "Bad request"
 
 
+class MethodNotAllowed(GatewayError):
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
+
+
 class RequestTimeout(GatewayError):
     status, code, title = 408, "request_timeout", "Request body too slow"
 
 
 class RequestTooLarge(GatewayError):
     status, code, title = 413, "body_too_large", "Request body too large"
+
+
+class HeadersTooLarge(GatewayError):
+    status, code, title = 431, "headers_too_large", "Request header fields too large"
 
 
 class RateLimited(GatewayError):
@@ -72,6 +80,14 @@ class LimiterUnavailable(GatewayError):
 
 class UpstreamTimeout(GatewayError):
     status, code, title = 504, "upstream_timeout", "Upstream timed out"
+
+
+class NotImplementedByGateway(GatewayError):
+    status, code, title = 501, "not_implemented", "Not implemented"
+
+
+class VersionNotSupported(GatewayError):
+    status, code, title = 505, "http_version_not_supported", "HTTP version not supported"
 
 
 @lru_cache(maxsize=1024)

@@ -48,6 +48,7 @@ class Settings:
     log_level: str
     log_format: Literal["text", "json"]
     access_log: bool
+    gateway_h2c: bool
 
 
 def load_settings(environ: Mapping[str, str], dotenv: Path | None = None) -> Settings:
@@ -73,6 +74,7 @@ def load_settings(environ: Mapping[str, str], dotenv: Path | None = None) -> Set
         log_level=_parse(raw, "LOG_LEVEL", "INFO", _log_level),
         log_format=_parse(raw, "LOG_FORMAT", "text", _log_format),
         access_log=_parse(raw, "ACCESS_LOG", "on", _switch),
+        gateway_h2c=_parse(raw, "GATEWAY_H2C", "off", _switch),
     )
 
 

@@ -28,6 +28,7 @@ def test_defaults_without_environment_or_dotenv() -> None:
     assert s.rate_limit_fail_mode == "open"
     assert s.redis_key_prefix == "rl"
     assert s.log_level == "INFO"
+    assert s.gateway_h2c is False
 
 
 INVALID = [
@@ -59,6 +60,7 @@ INVALID = [
     ("TRUSTED_PROXIES", "10.0.0.1, bogus"),
     # enums
     ("RATE_LIMIT_FAIL_MODE", "sometimes"), ("LOG_LEVEL", "verbose"), ("LOG_LEVEL", "TRACE"),
+    ("GATEWAY_H2C", "maybe"), ("GATEWAY_H2C", "h2"),
     # redis
     ("REDIS_URL", "http://localhost:6379"), ("REDIS_URL", "localhost:6379"),
     ("REDIS_KEY_PREFIX", "{rl}"), ("REDIS_KEY_PREFIX", "r l"),
@@ -102,6 +104,12 @@ def test_valid_redis_urls_are_kept(value: str) -> None:
 @pytest.mark.parametrize("value", ["", "   "])
 def test_empty_redis_url_means_none(value: str) -> None:
     assert load_settings({"REDIS_URL": value}, None).redis_url is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [("on", True), ("1", True), ("YES", True),
+                                               ("off", False), ("0", False), ("false", False)])
+def test_gateway_h2c_is_an_on_off_switch(value: str, expected: bool) -> None:
+    assert load_settings({"GATEWAY_H2C": value}, None).gateway_h2c is expected
 
 
 def test_fractional_seconds_allowed_for_timeouts() -> None:
