@@ -72,6 +72,7 @@ class FaultProxy:
         self.faults = Faults()
         self.accepted = 0                  # connections accepted since start
         self.pairs: set[_Pair] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy",
@@ -140,9 +141,17 @@ class FaultProxy:
         await self._unlisten()
         for pair in list(self.pairs):
             pair.abort()
+        handlers = list(self._handlers)
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)   # none left pending at close
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
         pair = _Pair((reader, writer))
         self.pairs.add(pair)
         try:

@@ -205,7 +205,8 @@ async def test_zone_variants_through_a_trusted_proxy_share_one_budget_and_one_ke
         start_gateway: Any, redis: Redis) -> None:
     async with start_gateway(RATE_LIMIT=1, TRUSTED_PROXIES="127.0.0.1") as gw, gw.client() as client:
         statuses = [(await client.get("/echo", headers={"X-Forwarded-For": f"fe80::1%{zone}"})).status_code
-                    for zone in ("a", "b", "evil id", "\x1b[31m")]
+                    for zone in ("a", "b", "evil id")]
         forwarded = await client.get("/echo", headers={"Forwarded": 'for="[fe80::1%evil id]"'})
-    assert statuses == [200, 429, 429, 429] and forwarded.status_code == 429
+    # (a zone with control bytes never gets this far: the server edge refuses such a header)
+    assert statuses == [200, 429, 429] and forwarded.status_code == 429
     assert await redis.keys("*") == [b"rl:fw1:{fe80::1}"]
