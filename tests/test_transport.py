@@ -13,7 +13,7 @@ import inspect
 import logging
 import re
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -900,3 +900,28 @@ def test_oversized_heads_really_exceed_the_limit_and_fit_one_socket_read() -> No
     complete one reaches the transport in a single read (asyncio reads up to 256 KiB)."""
     for case in ("head-over-64k-unterminated", "head-over-64k-complete"):
         assert MAX_HEAD < len(MALFORMED[case]) < 256 * 1024
+
+
+async def test_pooled_connection_paused_by_a_large_body_reads_again_and_sees_the_upstream_close(
+        transport: UpstreamTransport) -> None:
+    """A body bigger than HIGH_WATER pauses reading; when its rest was buffered already the
+    pause outlived the response. Pooled like that, the connection would never see the
+    upstream close it."""
+    body = b"L" * (HIGH_WATER + 100_000)
+    hang_up = asyncio.Event()
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(index, reader)
+        writer.write(ok(body))
+        await writer.drain()
+        await hang_up.wait()                       # keep-alive, then closed while idle
+
+    async with RawServer(handler=handler) as server:
+        response = await transport.handle_async_request(request("GET", server.url + "/big"))
+        conn: _Connection = response.stream.conn  # type: ignore[union-attr]
+        await wait_until(lambda: conn.paused_reading, "the transport to pause reading")
+        got = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+        await response.aclose()
+        assert got == body and transport._idle == deque([conn])      # noqa: SLF001
+        hang_up.set()
+        await wait_until(lambda: conn.eof, "the pooled connection to see the upstream's close")
