@@ -39,6 +39,15 @@ class BodySourceTimeout(httpx.TimeoutException):
     the upstream was waiting for it: the client's delay, not the upstream's."""
 
 
+class _Unanswered(httpx.RemoteProtocolError):
+    """The upstream closed or reset the connection before a single byte of the response."""
+
+
+class _Retry(Exception):
+    """The reused connection was dead before our request could have been processed, and the
+    request can still be sent whole: send it again on a fresh connection."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; reading is pull-based with a bounded buffer."""
 
@@ -55,9 +64,6 @@ class _Connection(asyncio.Protocol):
         self.last_used = time.monotonic()
         self.served = 0
         self.poller: select.poll | None = None
-        # request body progress, read by the response-head timer
-        self.body_sent = 0
-        self.awaiting_body = False         # the sender waits on the body's source, not on us
         # response body state
         self.mode = NONE
         self.remaining = 0
@@ -163,9 +169,10 @@ class _Connection(asyncio.Protocol):
             if len(self.buffer) > MAX_HEAD:
                 raise httpx.RemoteProtocolError("upstream response head too large")
             if self.eof:
-                raise httpx.RemoteProtocolError(
-                    "upstream closed the connection without a complete response"
-                    if self.buffer or self.served == 0 else "stale keep-alive connection")
+                if self.buffer:
+                    raise httpx.RemoteProtocolError(
+                        "upstream closed the connection without a complete response")
+                raise _Unanswered("upstream closed the connection without answering")
             await self._wait(timeout)
 
     def start_body(self, mode: int, length: int) -> None:
@@ -339,36 +346,49 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 or data.count(b"\n") != lines or b"\0" in data:
             raise httpx.LocalProtocolError("line break or NUL in the request line or a header")
 
+        upload = _Upload(request.stream, length is None, asyncio.get_running_loop()) if has_body else None
         reused, conn = self._take()
         if conn is None:
             conn = await self._connect(url, timeouts.get("connect"))
         try:
-            return await self._exchange(conn, request, method, data, has_body, length is None, read_timeout)
-        except httpx.RemoteProtocolError as exc:
-            # a pooled connection the server closed while idle: one retry when nothing was sent
-            if reused and not has_body and "stale" in str(exc):
-                conn = await self._connect(url, timeouts.get("connect"))
-                return await self._exchange(conn, request, method, data, False, False, read_timeout)
+            return await self._exchange(conn, request, method, data, upload, reused, read_timeout)
+        except _Retry:
+            pass
+        try:
+            conn = await self._connect(url, timeouts.get("connect"))
+        except BaseException:
+            if upload is not None:
+                upload.cancel()
             raise
+        return await self._exchange(conn, request, method, data, upload, False, read_timeout)
 
     async def _exchange(self, conn: _Connection, request: httpx.Request, method: bytes, head: bytes,
-                        has_body: bool, chunked: bool, timeout: float | None) -> httpx.Response:
-        sender = None
+                        upload: _Upload | None, reused: bool, timeout: float | None) -> httpx.Response:
+        """One request on `conn`. Raises _Retry when a reused connection turns out dead before
+        the upstream could have taken the request (no answer, no body chunk pulled yet)."""
+        answered = False
         try:
             conn.write(head)
-            if has_body:
-                sender = asyncio.ensure_future(_send_body(conn, request.stream, chunked))
+            if upload is not None:
+                upload.attach(conn)
             while True:
-                status, version, reason, headers = await self._read_head(conn, timeout, sender)
+                status, version, reason, headers = await self._read_head(conn, timeout, upload)
+                answered = True
                 if status >= 200 or status == 101:
                     break                                 # 1xx interim answers are skipped
             if status == 101:
                 raise httpx.RemoteProtocolError("upstream switched protocols unasked")
             mode, length, reusable = framing(method, status, headers)
         except BaseException as exc:
+            conn.close()
+            if reused and not answered and isinstance(exc, (_Unanswered, httpx.WriteError)) \
+                    and (upload is None or upload.movable):
+                if upload is not None:
+                    upload.detach()
+                raise _Retry() from exc
+            sender = None if upload is None else upload.task
             if sender is not None:
                 sender.cancel()
-            conn.close()
             if isinstance(exc, OSError):
                 raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
             if isinstance(exc, httpx.TransportError) and sender is not None and sender.done() \
@@ -380,26 +400,27 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         extensions = {"http_version": version, "reason_phrase": reason}
         return httpx.Response(status, headers=headers, request=request, extensions=extensions,
                               stream=_ResponseStream(self, conn, reusable and version == b"HTTP/1.1",
-                                                     timeout, sender))
+                                                     timeout, None if upload is None else upload.task))
 
     @staticmethod
-    async def _read_head(conn: _Connection, timeout: float | None, sender: asyncio.Future[None] | None
+    async def _read_head(conn: _Connection, timeout: float | None, upload: _Upload | None
                          ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
         """The next response head. While the request body is still streaming, `timeout` is the
         longest time nothing moves: the timer restarts whenever a body chunk went out, so a long
         upload is not cut off; a stall is the upstream's when it stopped taking the body, the
         client's (BodySourceTimeout) when the body's source had nothing to send."""
-        progress = conn.body_sent
+        sender = None if upload is None else upload.task
+        progress = 0 if upload is None else upload.sent
         while True:
             try:
                 return await conn.read_head(timeout)
             except httpx.ReadTimeout:
-                if sender is None or sender.done():
+                if upload is None or sender is None or sender.done():
                     raise
-                if conn.body_sent != progress:
-                    progress = conn.body_sent
+                if upload.sent != progress:
+                    progress = upload.sent
                     continue
-                if conn.awaiting_body:
+                if upload.waiting_source:
                     raise BodySourceTimeout(
                         f"the request body stalled: nothing to send for {timeout:g} s") from None
                 raise
@@ -444,24 +465,73 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             self._idle.pop().close()
 
 
-async def _send_body(conn: _Connection, stream: httpx.SyncByteStream | httpx.AsyncByteStream,
-                     chunked: bool) -> None:
-    """Stream the request body with backpressure; a failure here closes the connection."""
-    assert isinstance(stream, httpx.AsyncByteStream)
-    try:
-        conn.awaiting_body = True
-        async for chunk in stream:
-            conn.awaiting_body = False
-            if chunk:
-                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                conn.body_sent += len(chunk)
-                await conn.drain()
-            conn.awaiting_body = True
-        conn.awaiting_body = False
-        if chunked:
-            conn.write(b"0\r\n\r\n")
-    except asyncio.CancelledError:
-        raise
-    except BaseException:
-        conn.close()                                      # wakes the response reader
-        raise
+class _Upload:
+    """A request body on its way upstream, pulled from its source by one task. Until the
+    first chunk is pulled it can move to another connection: nothing of it is lost yet."""
+
+    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, chunked: bool,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        assert isinstance(stream, httpx.AsyncByteStream)
+        self.stream = stream
+        self.chunked = chunked
+        self.loop = loop
+        self.conn: _Connection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.pulled = False                   # a chunk came from the source: no replay from here on
+        self.waiting_source = False           # waiting on the client, not on the upstream
+        self.sent = 0                         # bytes written, read by the response-head timer
+        self._attached: asyncio.Future[None] | None = None
+
+    @property
+    def movable(self) -> bool:
+        """The body can still be sent whole elsewhere: nothing pulled, the source not failed."""
+        return not self.pulled and self.task is not None and not self.task.done()
+
+    def attach(self, conn: _Connection) -> None:
+        """Send the body on `conn`, which carries the request head already."""
+        self.conn = conn
+        if self.task is None:
+            self.task = self.loop.create_task(self._send())
+        elif self.task.done():
+            conn.close()          # the source failed while the body was between connections
+        elif self._attached is not None and not self._attached.done():
+            self._attached.set_result(None)
+
+    def detach(self) -> None:
+        """The connection died under a body not started yet: hold it for the next one."""
+        self.conn = None
+        self._attached = self.loop.create_future()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _connection(self) -> _Connection:
+        if self.conn is None:
+            assert self._attached is not None
+            await self._attached
+        assert self.conn is not None
+        return self.conn
+
+    async def _send(self) -> None:
+        """Stream the body with backpressure; a failure here closes the connection."""
+        try:
+            self.waiting_source = True
+            async for chunk in self.stream:
+                self.pulled = True
+                self.waiting_source = False
+                conn = await self._connection()
+                if chunk:
+                    conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk)
+                    self.sent += len(chunk)
+                    await conn.drain()
+                self.waiting_source = True
+            self.waiting_source = False
+            if self.chunked:
+                (await self._connection()).write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            if self.conn is not None:
+                self.conn.close()                         # wakes the response reader
+            raise

@@ -621,8 +621,10 @@ async def test_stale_retry_happens_only_once(transport: UpstreamTransport) -> No
     assert server.connections == 2
 
 
-async def test_post_with_body_on_reused_connection_closed_without_answer_is_not_retried(
+async def test_post_whose_body_was_pulled_is_not_resent_when_the_reused_connection_dies(
         transport: UpstreamTransport) -> None:
+    """A bytes body is taken from its source at once; once a chunk is out of the source the
+    request cannot be sent whole again, and the upstream might have acted on it."""
     async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if index == 0:
             await server.read_request(index, reader)
@@ -638,6 +640,39 @@ async def test_post_with_body_on_reused_connection_closed_without_answer_is_not_
             await fetch(transport, "POST", server.url + "/post", content=b"payload")
     assert server.connections == 1                 # not silently sent again
     assert [r.target for r in server.requests] == [b"/one", b"/post"]
+
+
+async def test_post_whose_body_has_not_started_is_resent_on_a_fresh_connection_when_the_reused_one_dies(
+        transport: UpstreamTransport) -> None:
+    """The idle close racing the request: the upstream takes the head on the pooled connection
+    and closes without a byte of answer. No chunk was pulled from the body's source yet, so the
+    request can still go whole on a fresh connection, body and all."""
+    started = asyncio.Event()
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if index == 0:
+            await server.read_request(index, reader)
+            writer.write(ok(b"first"))
+            await writer.drain()
+            await server.read_request(index, reader, body=False)
+            return                                 # closes without answering
+        await server.serve(index, reader, writer)
+
+    async def body() -> AsyncIterator[bytes]:
+        await started.wait()                       # the client sends only once the retry is on
+        yield b"part one, "
+        yield b"part two"
+
+    async with RawServer(handler=handler, reply=lambda r: ok(b"got " + r.body)) as server:
+        await fetch(transport, "GET", server.url + "/one")
+        posting = asyncio.ensure_future(fetch(transport, "POST", server.url + "/post", content=body()))
+        await wait_until(lambda: len(server.requests) == 3 or posting.done(),
+                         "the POST's head on a second connection")
+        started.set()
+        response, got = await posting
+    assert response.status_code == 200 and got == b"got part one, part two"
+    assert [(r.conn, r.target) for r in server.requests] == [(0, b"/one"), (0, b"/post"), (1, b"/post")]
+    assert server.requests[2].header(b"transfer-encoding") == [b"chunked"]
 
 
 async def test_unsolicited_bytes_on_idle_connection_never_taken_as_next_response(

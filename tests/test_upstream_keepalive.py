@@ -171,3 +171,45 @@ async def test_posts_after_the_upstream_closed_the_idle_pooled_connection_all_su
     assert [(r.target, r.body) for r in upstream.requests] == [
         (f"/p{i}".encode(), b"payload-%d-" % i * 100) for i in range(count)]
     assert upstream.connections == count                 # one fresh connection after every close
+
+
+async def test_sequential_posts_through_the_gateway_survive_the_upstream_closing_idle_connections(
+        start_gateway, make_settings) -> None:  # type: ignore[no-untyped-def]
+    count = 10
+    async with idle_closing() as (upstream, url):
+        async with start_gateway(make_settings(UPSTREAM_BACKEND_URL=url)) as gw, gw.client() as client:
+            statuses = []
+            for i in range(count):
+                response = await client.post(f"/p{i}", content=b"body-%d" % i)
+                statuses.append((response.status_code, response.text))
+                await wait_event(upstream.idle_closed[i], "the upstream to close the idle connection")
+    assert statuses == [(200, "got %d" % len(b"body-%d" % i)) for i in range(count)]
+    assert [r.body for r in upstream.requests] == [b"body-%d" % i for i in range(count)]
+
+
+async def test_post_through_the_gateway_is_resent_when_the_pooled_connection_dies_under_its_head(
+        start_gateway, make_settings) -> None:  # type: ignore[no-untyped-def]
+    """The upstream meets the head on its used connection with a close (its idle close racing
+    the request). The client's body has not arrived yet, so nothing was pulled from it: the
+    gateway sends the request again on a fresh connection instead of answering 502."""
+    async with idle_closing(idle=DEADLINE, hang_up=True) as (upstream, url):
+        async with start_gateway(make_settings(UPSTREAM_BACKEND_URL=url)) as gw:
+            async with gw.client() as client:
+                first = await client.post("/first", content=b"warm")
+            host, port = gw.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(b"POST /second HTTP/1.1\r\nHost: gw\r\nContent-Length: 11\r\n\r\n")
+                await writer.drain()
+                await wait_until(lambda: (1, b"/second") in upstream.heads,
+                                 "the request head on a fresh upstream connection")
+                writer.write(b"second body")
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+            finally:
+                writer.close()
+    assert first.status_code == 200
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert upstream.heads == [(0, b"/first"), (0, b"/second"), (1, b"/second")]
+    assert [(r.conn, r.target, r.body) for r in upstream.requests] == [
+        (0, b"/first", b"warm"), (1, b"/second", b"second body")]
