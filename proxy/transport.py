@@ -29,6 +29,7 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 HIGH_WATER = 256 * 1024                # stop reading the socket past this much unconsumed
 SKIP_REQUEST_HEADERS = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
 CONNECT_ERRORS = (OSError, ssl.SSLError)
+TIMER_SLACK = 0.001                    # uvloop's timers tick in milliseconds: re-arming for less spins
 
 # chunked decoder states
 SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
@@ -64,6 +65,8 @@ class _Connection(asyncio.Protocol):
         self.last_used = time.monotonic()
         self.served = 0
         self.poller: select.poll | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.upload: _Upload | None = None     # a body still streaming while the head is awaited
         # response body state
         self.mode = NONE
         self.remaining = 0
@@ -114,13 +117,32 @@ class _Connection(asyncio.Protocol):
         """Wait for more data, EOF or loss, at most `timeout` seconds (then ReadTimeout)."""
         self.resume()
         waiter = self.waiter = self.loop.create_future()
-        timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
+        if timeout is not None:
+            self.timer = self.loop.call_later(timeout, self._expire, waiter, timeout)
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    def _expire(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        """`timeout` passed without a byte from the upstream. While a request body streams, the
+        pause is counted from the body's last move instead: the timer is re-armed for the rest."""
+        if waiter.done():
+            return
+        upload = self.upload
+        if upload is not None:
+            rest = upload.moved + timeout - self.loop.time()
+            if rest > TIMER_SLACK:
+                self.timer = self.loop.call_later(rest, self._expire, waiter, timeout)
+                return
+            if upload.waiting_source:
+                waiter.set_exception(BodySourceTimeout(
+                    f"the request body stalled: nothing to send for {timeout:g} s"))
+                return
+        waiter.set_exception(httpx.ReadTimeout("upstream did not answer in time"))
 
     def resume(self) -> None:
         """Let the socket be read again (an idle connection must see the upstream's EOF)."""
@@ -257,11 +279,6 @@ class _Connection(asyncio.Protocol):
             self.chunk_state = DATA if self.remaining else TRAILER
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout("upstream did not answer in time"))
-
-
 class _ResponseStream(httpx.AsyncByteStream):
     def __init__(self, pool: UpstreamTransport, conn: _Connection, reusable: bool,
                  timeout: float | None, sender: asyncio.Task[None] | None) -> None:
@@ -372,7 +389,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             if upload is not None:
                 upload.attach(conn)
             while True:
-                status, version, reason, headers = await self._read_head(conn, timeout, upload)
+                status, version, reason, headers = await conn.read_head(timeout)
                 answered = True
                 if status >= 200 or status == 101:
                     break                                 # 1xx interim answers are skipped
@@ -380,6 +397,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 raise httpx.RemoteProtocolError("upstream switched protocols unasked")
             mode, length, reusable = framing(method, status, headers)
         except BaseException as exc:
+            conn.upload = None
             conn.close()
             if reused and not answered and isinstance(exc, (_Unanswered, httpx.WriteError)) \
                     and (upload is None or upload.movable):
@@ -395,35 +413,13 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                     and not sender.cancelled() and sender.exception() is not None:
                 raise exc from sender.exception()
             raise
+        conn.upload = None
         conn.start_body(mode, length)
         conn.served += 1
         extensions = {"http_version": version, "reason_phrase": reason}
         return httpx.Response(status, headers=headers, request=request, extensions=extensions,
                               stream=_ResponseStream(self, conn, reusable and version == b"HTTP/1.1",
                                                      timeout, None if upload is None else upload.task))
-
-    @staticmethod
-    async def _read_head(conn: _Connection, timeout: float | None, upload: _Upload | None
-                         ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
-        """The next response head. While the request body is still streaming, `timeout` is the
-        longest time nothing moves: the timer restarts whenever a body chunk went out, so a long
-        upload is not cut off; a stall is the upstream's when it stopped taking the body, the
-        client's (BodySourceTimeout) when the body's source had nothing to send."""
-        sender = None if upload is None else upload.task
-        progress = 0 if upload is None else upload.sent
-        while True:
-            try:
-                return await conn.read_head(timeout)
-            except httpx.ReadTimeout:
-                if upload is None or sender is None or sender.done():
-                    raise
-                if upload.sent != progress:
-                    progress = upload.sent
-                    continue
-                if upload.waiting_source:
-                    raise BodySourceTimeout(
-                        f"the request body stalled: nothing to send for {timeout:g} s") from None
-                raise
 
     def _take(self) -> tuple[bool, _Connection | None]:
         now = time.monotonic()
@@ -479,7 +475,7 @@ class _Upload:
         self.task: asyncio.Task[None] | None = None
         self.pulled = False                   # a chunk came from the source: no replay from here on
         self.waiting_source = False           # waiting on the client, not on the upstream
-        self.sent = 0                         # bytes written, read by the response-head timer
+        self.moved = loop.time()              # when the body last moved, on either side
         self._attached: asyncio.Future[None] | None = None
 
     @property
@@ -490,6 +486,8 @@ class _Upload:
     def attach(self, conn: _Connection) -> None:
         """Send the body on `conn`, which carries the request head already."""
         self.conn = conn
+        conn.upload = self
+        self.moved = self.loop.time()
         if self.task is None:
             self.task = self.loop.create_task(self._send())
         elif self.task.done():
@@ -520,15 +518,17 @@ class _Upload:
             async for chunk in self.stream:
                 self.pulled = True
                 self.waiting_source = False
+                self.moved = self.loop.time()
                 conn = await self._connection()
                 if chunk:
                     conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk)
-                    self.sent += len(chunk)
                     await conn.drain()
+                    self.moved = self.loop.time()
                 self.waiting_source = True
             self.waiting_source = False
             if self.chunked:
                 (await self._connection()).write(b"0\r\n\r\n")
+            self.moved = self.loop.time()
         except asyncio.CancelledError:
             raise
         except BaseException:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from proxy.forwarding import Forwarder
-from proxy.transport import HIGH_WATER, MAX_HEAD, UpstreamTransport, _Connection
+from proxy.transport import HIGH_WATER, MAX_HEAD, BodySourceTimeout, UpstreamTransport, _Connection
 from tests.servers import closed_port, serving
 from tests.upstream import Upstream
 
@@ -812,6 +812,66 @@ async def test_header_value_with_line_break_never_reaches_the_wire(
             pass
         for seen in server.requests:
             assert b"Injected" not in seen.head, seen.head
+
+
+# --- pauses during an upload: one timeout from the last move ---------------------------------------
+
+PAUSE_TIMEOUT = 0.5
+
+
+async def test_client_pausing_its_upload_times_out_one_timeout_after_its_last_chunk(
+        transport: UpstreamTransport) -> None:
+    """The pause is measured from the moment the body last moved, not sampled once per timeout
+    window (which let a pause starting early in a window run to nearly two timeouts). The
+    upper bound is the behaviour under test, with half a timeout of margin."""
+    never = asyncio.Event()
+    last_chunk = 0.0
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(index, reader, body=False)
+        await reader.read()                        # takes the body as it comes, never answers
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal last_chunk
+        last_chunk = time.monotonic()
+        yield b"x" * 1000
+        await never.wait()                         # ... and the client pauses
+        yield b"never sent"
+
+    async with RawServer(handler=handler) as server:
+        with pytest.raises(BodySourceTimeout):
+            await fetch(transport, "POST", server.url + "/up", content=body(),
+                        timeout=httpx.Timeout(5.0, read=PAUSE_TIMEOUT).as_dict())
+        paused = time.monotonic() - last_chunk
+    assert paused < 1.5 * PAUSE_TIMEOUT, paused
+
+
+async def test_upstream_that_stops_taking_the_upload_times_out_one_timeout_after_it_stopped(
+        transport: UpstreamTransport) -> None:
+    """The other side of the same clock: the upstream stops reading, the body stops moving
+    (the last chunk pulled from the source is when the socket buffers had room last), and
+    ReadTimeout comes one timeout later, not the client's BodySourceTimeout."""
+    hold = asyncio.Event()
+    last_chunk = 0.0
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(index, reader, body=False)
+        await hold.wait()                          # never reads the body
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal last_chunk
+        for _ in range(1024):                      # 64 MiB at most: far more than socket buffers hold
+            last_chunk = time.monotonic()
+            yield b"b" * 65536
+
+    async with RawServer(handler=handler) as server:
+        with pytest.raises(httpx.ReadTimeout) as caught:
+            await fetch(transport, "POST", server.url + "/up", content=body(),
+                        timeout=httpx.Timeout(5.0, read=PAUSE_TIMEOUT).as_dict())
+        stalled = time.monotonic() - last_chunk
+        hold.set()
+    assert not isinstance(caught.value, BodySourceTimeout)
+    assert stalled < 1.5 * PAUSE_TIMEOUT, stalled
 
 
 # --- early response during upload ---------------------------------------------------------------
