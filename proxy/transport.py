@@ -488,10 +488,12 @@ class _Upload:
         self.conn = conn
         conn.upload = self
         self.moved = self.loop.time()
-        if self.task is None:
+        task = self.task
+        if task is None:
             self.task = self.loop.create_task(self._send())
-        elif self.task.done():
-            conn.close()          # the source failed while the body was between connections
+        elif task.done():
+            if not task.cancelled() and task.exception() is not None:
+                conn.close()      # the source failed while the body was between connections
         elif self._attached is not None and not self._attached.done():
             self._attached.set_result(None)
 
