@@ -10,7 +10,7 @@ TIMEOUT = 1.0
 DEADLINE = 10.0                        # a hang guard only
 
 
-async def test_client_pausing_mid_upload_gets_408_one_timeout_after_its_last_bytes(start_gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_client_pausing_mid_upload_gets_408_one_timeout_after_its_last_bytes(start_gateway) -> None:
     """The bound (1.5 x UPSTREAM_TIMEOUT) is the behaviour under test: the old sampling of
     progress once per window answered only after about 2 x UPSTREAM_TIMEOUT."""
     async with start_gateway(UPSTREAM_TIMEOUT=TIMEOUT) as gw:

@@ -130,8 +130,9 @@ class _IdleClosing(asyncio.Protocol):
 
 
 @asynccontextmanager
-async def idle_closing(**options: object) -> AsyncIterator[tuple[IdleClosingUpstream, str]]:
-    upstream = IdleClosingUpstream(**options)  # type: ignore[arg-type]
+async def idle_closing(idle: float = 0.05, hang_up: bool = False
+                       ) -> AsyncIterator[tuple[IdleClosingUpstream, str]]:
+    upstream = IdleClosingUpstream(idle=idle, hang_up=hang_up)
     server = await asyncio.get_running_loop().create_server(upstream.protocol, "127.0.0.1", 0)
     try:
         yield upstream, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -142,8 +143,8 @@ async def idle_closing(**options: object) -> AsyncIterator[tuple[IdleClosingUpst
         await server.wait_closed()
 
 
-async def post(transport: UpstreamTransport, url: str, content: object) -> tuple[int, bytes]:
-    request = httpx.Request("POST", url, content=content, extensions={"timeout": TIMEOUTS})  # type: ignore[arg-type]
+async def post(transport: UpstreamTransport, url: str, content: bytes) -> tuple[int, bytes]:
+    request = httpx.Request("POST", url, content=content, extensions={"timeout": TIMEOUTS})
     response = await transport.handle_async_request(request)
     try:
         body = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
@@ -174,7 +175,7 @@ async def test_posts_after_the_upstream_closed_the_idle_pooled_connection_all_su
 
 
 async def test_sequential_posts_through_the_gateway_survive_the_upstream_closing_idle_connections(
-        start_gateway, make_settings) -> None:  # type: ignore[no-untyped-def]
+        start_gateway, make_settings) -> None:
     count = 10
     async with idle_closing() as (upstream, url):
         async with start_gateway(make_settings(UPSTREAM_BACKEND_URL=url)) as gw, gw.client() as client:
@@ -188,7 +189,7 @@ async def test_sequential_posts_through_the_gateway_survive_the_upstream_closing
 
 
 async def test_post_through_the_gateway_is_resent_when_the_pooled_connection_dies_under_its_head(
-        start_gateway, make_settings) -> None:  # type: ignore[no-untyped-def]
+        start_gateway, make_settings) -> None:
     """The upstream meets the head on its used connection with a close (its idle close racing
     the request). The client's body has not arrived yet, so nothing was pulled from it: the
     gateway sends the request again on a fresh connection instead of answering 502."""
