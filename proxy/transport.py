@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import ssl
 import time
 from collections import deque
@@ -28,6 +29,7 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 HIGH_WATER = 256 * 1024                # stop reading the socket past this much unconsumed
 SKIP_REQUEST_HEADERS = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
 CONNECT_ERRORS = (OSError, ssl.SSLError)
+TIMER_SLACK = 0.001                    # uvloop's timers tick in milliseconds: re-arming for less spins
 
 # chunked decoder states
 SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
@@ -36,6 +38,15 @@ SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
 class BodySourceTimeout(httpx.TimeoutException):
     """The request body's source (the client) sent nothing for a whole timeout period while
     the upstream was waiting for it: the client's delay, not the upstream's."""
+
+
+class _Unanswered(httpx.RemoteProtocolError):
+    """The upstream closed or reset the connection before a single byte of the response."""
+
+
+class _Retry(Exception):
+    """The reused connection was dead before our request could have been processed, and the
+    request can still be sent whole: send it again on a fresh connection."""
 
 
 class _Connection(asyncio.Protocol):
@@ -53,9 +64,9 @@ class _Connection(asyncio.Protocol):
         self.paused_reading = False
         self.last_used = time.monotonic()
         self.served = 0
-        # request body progress, read by the response-head timer
-        self.body_sent = 0
-        self.awaiting_body = False         # the sender waits on the body's source, not on us
+        self.poller: select.poll | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.upload: _Upload | None = None     # a body still streaming while the head is awaited
         # response body state
         self.mode = NONE
         self.remaining = 0
@@ -64,6 +75,11 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(select, "poll"):
+            # a poll object holds no fd of its own: nothing to close, no syscall until used
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -99,17 +115,48 @@ class _Connection(asyncio.Protocol):
 
     async def _wait(self, timeout: float | None) -> None:
         """Wait for more data, EOF or loss, at most `timeout` seconds (then ReadTimeout)."""
-        if self.paused_reading and self.transport is not None:
-            self.paused_reading = False
-            self.transport.resume_reading()
+        self.resume()
         waiter = self.waiter = self.loop.create_future()
-        timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
+        if timeout is not None:
+            self.timer = self.loop.call_later(timeout, self._expire, waiter, timeout)
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    def _expire(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        """`timeout` passed without a byte from the upstream. While a request body streams, the
+        pause is counted from the body's last move instead: the timer is re-armed for the rest."""
+        if waiter.done():
+            return
+        upload = self.upload
+        if upload is not None:
+            rest = upload.moved + timeout - self.loop.time()
+            if rest > TIMER_SLACK:
+                self.timer = self.loop.call_later(rest, self._expire, waiter, timeout)
+                return
+            if upload.waiting_source:
+                waiter.set_exception(BodySourceTimeout(
+                    f"the request body stalled: nothing to send for {timeout:g} s"))
+                return
+        waiter.set_exception(httpx.ReadTimeout("upstream did not answer in time"))
+
+    def resume(self) -> None:
+        """Let the socket be read again (an idle connection must see the upstream's EOF)."""
+        if self.paused_reading and self.transport is not None:
+            self.paused_reading = False
+            self.transport.resume_reading()
+
+    @property
+    def alive(self) -> bool:
+        """Nothing pending on the idle socket: no EOF, reset or stray bytes the event loop has
+        not reported yet. One poll(2) with no timeout, well under a microsecond."""
+        if self.closed or self.eof or self.buffer:
+            return False
+        return self.poller is None or not self.poller.poll(0)
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
@@ -144,9 +191,10 @@ class _Connection(asyncio.Protocol):
             if len(self.buffer) > MAX_HEAD:
                 raise httpx.RemoteProtocolError("upstream response head too large")
             if self.eof:
-                raise httpx.RemoteProtocolError(
-                    "upstream closed the connection without a complete response"
-                    if self.buffer or self.served == 0 else "stale keep-alive connection")
+                if self.buffer:
+                    raise httpx.RemoteProtocolError(
+                        "upstream closed the connection without a complete response")
+                raise _Unanswered("upstream closed the connection without answering")
             await self._wait(timeout)
 
     def start_body(self, mode: int, length: int) -> None:
@@ -229,11 +277,6 @@ class _Connection(asyncio.Protocol):
                 raise httpx.RemoteProtocolError("malformed chunk size from upstream")
             self.remaining = int(size, 16)
             self.chunk_state = DATA if self.remaining else TRAILER
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout("upstream did not answer in time"))
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -320,77 +363,69 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 or data.count(b"\n") != lines or b"\0" in data:
             raise httpx.LocalProtocolError("line break or NUL in the request line or a header")
 
+        upload = _Upload(request.stream, length is None, asyncio.get_running_loop()) if has_body else None
         reused, conn = self._take()
         if conn is None:
             conn = await self._connect(url, timeouts.get("connect"))
         try:
-            return await self._exchange(conn, request, method, data, has_body, length is None, read_timeout)
-        except httpx.RemoteProtocolError as exc:
-            # a pooled connection the server closed while idle: one retry when nothing was sent
-            if reused and not has_body and "stale" in str(exc):
-                conn = await self._connect(url, timeouts.get("connect"))
-                return await self._exchange(conn, request, method, data, False, False, read_timeout)
+            return await self._exchange(conn, request, method, data, upload, reused, read_timeout)
+        except _Retry:
+            pass
+        try:
+            conn = await self._connect(url, timeouts.get("connect"))
+        except BaseException:
+            if upload is not None:
+                upload.cancel()
             raise
+        return await self._exchange(conn, request, method, data, upload, False, read_timeout)
 
     async def _exchange(self, conn: _Connection, request: httpx.Request, method: bytes, head: bytes,
-                        has_body: bool, chunked: bool, timeout: float | None) -> httpx.Response:
-        sender = None
+                        upload: _Upload | None, reused: bool, timeout: float | None) -> httpx.Response:
+        """One request on `conn`. Raises _Retry when a reused connection turns out dead before
+        the upstream could have taken the request (no answer, no body chunk pulled yet)."""
+        answered = False
         try:
             conn.write(head)
-            if has_body:
-                sender = asyncio.ensure_future(_send_body(conn, request.stream, chunked))
+            if upload is not None:
+                upload.attach(conn)
             while True:
-                status, version, reason, headers = await self._read_head(conn, timeout, sender)
+                status, version, reason, headers = await conn.read_head(timeout)
+                answered = True
                 if status >= 200 or status == 101:
                     break                                 # 1xx interim answers are skipped
             if status == 101:
                 raise httpx.RemoteProtocolError("upstream switched protocols unasked")
             mode, length, reusable = framing(method, status, headers)
         except BaseException as exc:
+            conn.upload = None
+            conn.close()
+            if reused and not answered and isinstance(exc, (_Unanswered, httpx.WriteError)) \
+                    and (upload is None or upload.movable):
+                if upload is not None:
+                    upload.detach()
+                raise _Retry() from exc
+            sender = None if upload is None else upload.task
             if sender is not None:
                 sender.cancel()
-            conn.close()
             if isinstance(exc, OSError):
                 raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
             if isinstance(exc, httpx.TransportError) and sender is not None and sender.done() \
                     and not sender.cancelled() and sender.exception() is not None:
                 raise exc from sender.exception()
             raise
+        conn.upload = None
         conn.start_body(mode, length)
         conn.served += 1
         extensions = {"http_version": version, "reason_phrase": reason}
         return httpx.Response(status, headers=headers, request=request, extensions=extensions,
                               stream=_ResponseStream(self, conn, reusable and version == b"HTTP/1.1",
-                                                     timeout, sender))
-
-    @staticmethod
-    async def _read_head(conn: _Connection, timeout: float | None, sender: asyncio.Future[None] | None
-                         ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
-        """The next response head. While the request body is still streaming, `timeout` is the
-        longest time nothing moves: the timer restarts whenever a body chunk went out, so a long
-        upload is not cut off; a stall is the upstream's when it stopped taking the body, the
-        client's (BodySourceTimeout) when the body's source had nothing to send."""
-        progress = conn.body_sent
-        while True:
-            try:
-                return await conn.read_head(timeout)
-            except httpx.ReadTimeout:
-                if sender is None or sender.done():
-                    raise
-                if conn.body_sent != progress:
-                    progress = conn.body_sent
-                    continue
-                if conn.awaiting_body:
-                    raise BodySourceTimeout(
-                        f"the request body stalled: nothing to send for {timeout:g} s") from None
-                raise
+                                                     timeout, None if upload is None else upload.task))
 
     def _take(self) -> tuple[bool, _Connection | None]:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and not conn.eof and not conn.buffer \
-                    and now - conn.last_used < self.keepalive_expiry:
+            if now - conn.last_used < self.keepalive_expiry and conn.alive:
                 return True, conn
             conn.close()
         return False, None
@@ -399,6 +434,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         if self._closed or len(self._idle) >= self.max_idle or conn.closed or conn.eof:
             conn.close()
             return
+        conn.resume()
         conn.last_used = time.monotonic()
         self._idle.append(conn)
 
@@ -425,24 +461,79 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             self._idle.pop().close()
 
 
-async def _send_body(conn: _Connection, stream: httpx.SyncByteStream | httpx.AsyncByteStream,
-                     chunked: bool) -> None:
-    """Stream the request body with backpressure; a failure here closes the connection."""
-    assert isinstance(stream, httpx.AsyncByteStream)
-    try:
-        conn.awaiting_body = True
-        async for chunk in stream:
-            conn.awaiting_body = False
-            if chunk:
-                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                conn.body_sent += len(chunk)
-                await conn.drain()
-            conn.awaiting_body = True
-        conn.awaiting_body = False
-        if chunked:
-            conn.write(b"0\r\n\r\n")
-    except asyncio.CancelledError:
-        raise
-    except BaseException:
-        conn.close()                                      # wakes the response reader
-        raise
+class _Upload:
+    """A request body on its way upstream, pulled from its source by one task. Until the
+    first chunk is pulled it can move to another connection: nothing of it is lost yet."""
+
+    def __init__(self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, chunked: bool,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        assert isinstance(stream, httpx.AsyncByteStream)
+        self.stream = stream
+        self.chunked = chunked
+        self.loop = loop
+        self.conn: _Connection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.pulled = False                   # a chunk came from the source: no replay from here on
+        self.waiting_source = False           # waiting on the client, not on the upstream
+        self.moved = loop.time()              # when the body last moved, on either side
+        self._attached: asyncio.Future[None] | None = None
+
+    @property
+    def movable(self) -> bool:
+        """The body can still be sent whole elsewhere: nothing pulled, the source not failed."""
+        return not self.pulled and self.task is not None and not self.task.done()
+
+    def attach(self, conn: _Connection) -> None:
+        """Send the body on `conn`, which carries the request head already."""
+        self.conn = conn
+        conn.upload = self
+        self.moved = self.loop.time()
+        task = self.task
+        if task is None:
+            self.task = self.loop.create_task(self._send())
+        elif task.done():
+            if not task.cancelled() and task.exception() is not None:
+                conn.close()      # the source failed while the body was between connections
+        elif self._attached is not None and not self._attached.done():
+            self._attached.set_result(None)
+
+    def detach(self) -> None:
+        """The connection died under a body not started yet: hold it for the next one."""
+        self.conn = None
+        self._attached = self.loop.create_future()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _connection(self) -> _Connection:
+        if self.conn is None:
+            assert self._attached is not None
+            await self._attached
+        assert self.conn is not None
+        return self.conn
+
+    async def _send(self) -> None:
+        """Stream the body with backpressure; a failure here closes the connection."""
+        try:
+            self.waiting_source = True
+            async for chunk in self.stream:
+                self.pulled = True
+                self.waiting_source = False
+                self.moved = self.loop.time()
+                conn = await self._connection()
+                if chunk:
+                    conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk)
+                    await conn.drain()
+                    self.moved = self.loop.time()
+                self.waiting_source = True
+            self.waiting_source = False
+            if self.chunked:
+                (await self._connection()).write(b"0\r\n\r\n")
+            self.moved = self.loop.time()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            if self.conn is not None:
+                self.conn.close()                         # wakes the response reader
+            raise

@@ -13,7 +13,7 @@ import inspect
 import logging
 import re
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from proxy.forwarding import Forwarder
-from proxy.transport import HIGH_WATER, MAX_HEAD, UpstreamTransport, _Connection
+from proxy.transport import HIGH_WATER, MAX_HEAD, BodySourceTimeout, UpstreamTransport, _Connection
 from tests.servers import closed_port, serving
 from tests.upstream import Upstream
 
@@ -621,8 +621,10 @@ async def test_stale_retry_happens_only_once(transport: UpstreamTransport) -> No
     assert server.connections == 2
 
 
-async def test_post_with_body_on_reused_connection_closed_without_answer_is_not_retried(
+async def test_post_whose_body_was_pulled_is_not_resent_when_the_reused_connection_dies(
         transport: UpstreamTransport) -> None:
+    """A bytes body is taken from its source at once; once a chunk is out of the source the
+    request cannot be sent whole again, and the upstream might have acted on it."""
     async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if index == 0:
             await server.read_request(index, reader)
@@ -638,6 +640,39 @@ async def test_post_with_body_on_reused_connection_closed_without_answer_is_not_
             await fetch(transport, "POST", server.url + "/post", content=b"payload")
     assert server.connections == 1                 # not silently sent again
     assert [r.target for r in server.requests] == [b"/one", b"/post"]
+
+
+async def test_post_whose_body_has_not_started_is_resent_on_a_fresh_connection_when_the_reused_one_dies(
+        transport: UpstreamTransport) -> None:
+    """The idle close racing the request: the upstream takes the head on the pooled connection
+    and closes without a byte of answer. No chunk was pulled from the body's source yet, so the
+    request can still go whole on a fresh connection, body and all."""
+    started = asyncio.Event()
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if index == 0:
+            await server.read_request(index, reader)
+            writer.write(ok(b"first"))
+            await writer.drain()
+            await server.read_request(index, reader, body=False)
+            return                                 # closes without answering
+        await server.serve(index, reader, writer)
+
+    async def body() -> AsyncIterator[bytes]:
+        await started.wait()                       # the client sends only once the retry is on
+        yield b"part one, "
+        yield b"part two"
+
+    async with RawServer(handler=handler, reply=lambda r: ok(b"got " + r.body)) as server:
+        await fetch(transport, "GET", server.url + "/one")
+        posting = asyncio.ensure_future(fetch(transport, "POST", server.url + "/post", content=body()))
+        await wait_until(lambda: len(server.requests) == 3 or posting.done(),
+                         "the POST's head on a second connection")
+        started.set()
+        response, got = await posting
+    assert response.status_code == 200 and got == b"got part one, part two"
+    assert [(r.conn, r.target) for r in server.requests] == [(0, b"/one"), (0, b"/post"), (1, b"/post")]
+    assert server.requests[2].header(b"transfer-encoding") == [b"chunked"]
 
 
 async def test_unsolicited_bytes_on_idle_connection_never_taken_as_next_response(
@@ -779,6 +814,66 @@ async def test_header_value_with_line_break_never_reaches_the_wire(
             assert b"Injected" not in seen.head, seen.head
 
 
+# --- pauses during an upload: one timeout from the last move ---------------------------------------
+
+PAUSE_TIMEOUT = 0.5
+
+
+async def test_client_pausing_its_upload_times_out_one_timeout_after_its_last_chunk(
+        transport: UpstreamTransport) -> None:
+    """The pause is measured from the moment the body last moved, not sampled once per timeout
+    window (which let a pause starting early in a window run to nearly two timeouts). The
+    upper bound is the behaviour under test, with half a timeout of margin."""
+    never = asyncio.Event()
+    last_chunk = 0.0
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(index, reader, body=False)
+        await reader.read()                        # takes the body as it comes, never answers
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal last_chunk
+        last_chunk = time.monotonic()
+        yield b"x" * 1000
+        await never.wait()                         # ... and the client pauses
+        yield b"never sent"
+
+    async with RawServer(handler=handler) as server:
+        with pytest.raises(BodySourceTimeout):
+            await fetch(transport, "POST", server.url + "/up", content=body(),
+                        timeout=httpx.Timeout(5.0, read=PAUSE_TIMEOUT).as_dict())
+        paused = time.monotonic() - last_chunk
+    assert paused < 1.5 * PAUSE_TIMEOUT, paused
+
+
+async def test_upstream_that_stops_taking_the_upload_times_out_one_timeout_after_it_stopped(
+        transport: UpstreamTransport) -> None:
+    """The other side of the same clock: the upstream stops reading, the body stops moving
+    (the last chunk pulled from the source is when the socket buffers had room last), and
+    ReadTimeout comes one timeout later, not the client's BodySourceTimeout."""
+    hold = asyncio.Event()
+    last_chunk = 0.0
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(index, reader, body=False)
+        await hold.wait()                          # never reads the body
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal last_chunk
+        for _ in range(1024):                      # 64 MiB at most: far more than socket buffers hold
+            last_chunk = time.monotonic()
+            yield b"b" * 65536
+
+    async with RawServer(handler=handler) as server:
+        with pytest.raises(httpx.ReadTimeout) as caught:
+            await fetch(transport, "POST", server.url + "/up", content=body(),
+                        timeout=httpx.Timeout(5.0, read=PAUSE_TIMEOUT).as_dict())
+        stalled = time.monotonic() - last_chunk
+        hold.set()
+    assert not isinstance(caught.value, BodySourceTimeout)
+    assert stalled < 1.5 * PAUSE_TIMEOUT, stalled
+
+
 # --- early response during upload ---------------------------------------------------------------
 
 async def test_early_response_during_upload_not_reused_and_nothing_logged(
@@ -900,3 +995,28 @@ def test_oversized_heads_really_exceed_the_limit_and_fit_one_socket_read() -> No
     complete one reaches the transport in a single read (asyncio reads up to 256 KiB)."""
     for case in ("head-over-64k-unterminated", "head-over-64k-complete"):
         assert MAX_HEAD < len(MALFORMED[case]) < 256 * 1024
+
+
+async def test_pooled_connection_paused_by_a_large_body_reads_again_and_sees_the_upstream_close(
+        transport: UpstreamTransport) -> None:
+    """A body bigger than HIGH_WATER pauses reading; when its rest was buffered already the
+    pause outlived the response. Pooled like that, the connection would never see the
+    upstream close it."""
+    body = b"L" * (HIGH_WATER + 100_000)
+    hang_up = asyncio.Event()
+
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(index, reader)
+        writer.write(ok(body))
+        await writer.drain()
+        await hang_up.wait()                       # keep-alive, then closed while idle
+
+    async with RawServer(handler=handler) as server:
+        response = await transport.handle_async_request(request("GET", server.url + "/big"))
+        conn: _Connection = response.stream.conn  # type: ignore[union-attr]
+        await wait_until(lambda: conn.paused_reading, "the transport to pause reading")
+        got = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+        await response.aclose()
+        assert got == body and transport._idle == deque([conn])      # noqa: SLF001
+        hang_up.set()
+        await wait_until(lambda: conn.eof, "the pooled connection to see the upstream's close")
