@@ -148,7 +148,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     env_file = tmp_path / "empty.env"           # the developer's .env must not change the stack
     env_file.write_text("", encoding="utf-8")
     env = {k: v for k, v in os.environ.items()
-           if k not in SETTINGS_VARS and not k.endswith("_PUBLISH")}
+           if k not in SETTINGS_VARS and not k.endswith("_PUBLISH") and not k.startswith("COMPOSE_")}
     env.update(RATE_LIMIT=str(RATE_LIMIT), TIME_WINDOW="60")
     yield Stack(f"gwsmoke-{uuid.uuid4().hex[:8]}", [COMPOSE, override], env_file, env, port)
 

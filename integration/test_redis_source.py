@@ -134,3 +134,31 @@ def test_docker_redis_that_fails_to_start_leaves_no_container(env: pytest.Monkey
                     pass
     finally:
         client.close()
+
+
+@needs_engine
+def test_docker_redis_answers_on_loopback_whatever_host_testcontainers_would_guess(
+        env: pytest.MonkeyPatch) -> None:
+    # with /.dockerenv present and no TESTCONTAINERS_CONNECTION_MODE, testcontainers would look
+    # for the container on a bridge gateway, where nothing of ours is published
+    import docker
+
+    env.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+    client = docker.from_env()
+    try:
+        if not client.images.list(name=DockerRedis.IMAGE):
+            pytest.skip(f"image {DockerRedis.IMAGE} is not on the daemon")
+        source = DockerRedis()
+        try:
+            source.start()
+            with source.client() as redis:
+                assert redis.ping()
+            assert source.url.startswith("redis://127.0.0.1:")
+            created = source._container._container
+            assert created is not None
+        finally:
+            source.close()
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(created.id)
+    finally:
+        client.close()
