@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Gateway image: `docker run IMAGE` starts the gateway (`python -m proxy`); the same image runs
 # the demo upstream with the entrypoint overridden to `python -m backend` (see compose.yaml).
 

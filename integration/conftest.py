@@ -1,9 +1,11 @@
 """Fixtures for the multi-process tests: one Redis for the session, upstreams and gateway
 replicas as real processes on loopback, each stopped by its own handle.
 
-* ``redis_source`` -- ``redis:7`` in a container when a Docker daemon answers, otherwise a local
-  ``redis-server`` (``RedisProcess``) on a free port. Force one with
-  ``INTEGRATION_REDIS=docker|local``. The source in use is logged and shown in the summary.
+* ``redis_source`` -- ``redis:7`` in a container when Docker can run it here (a daemon on this
+  machine answers, has or can pull the image, and the testcontainers variables allow it),
+  otherwise a local ``redis-server`` (``RedisProcess``) on a free port. Force one with
+  ``INTEGRATION_REDIS=docker|local`` (docker where it cannot run: a skip saying why). The source
+  in use, and why Docker was passed over, are logged and shown in the summary.
 * ``upstream`` -- ``integration/counting_upstream.py`` (counts what reaches it);
   ``backend`` -- the demo upstream ``python -m backend``.
 * ``replicas`` -- ``await replicas.start(3, RATE_LIMIT=50, ...)`` runs ``python -m proxy``
@@ -12,6 +14,7 @@ replicas as real processes on loopback, each stopped by its own handle.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
@@ -24,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -46,20 +50,6 @@ _SOURCE_KEY = pytest.StashKey[str]()
 # ----------------------------------------------------------------------------------------------
 # Redis: Docker container or local redis-server behind one small interface
 # ----------------------------------------------------------------------------------------------
-
-def docker_answers(timeout: float = 3.0) -> bool:
-    """Whether a Docker daemon answers a ping (any failure -- no SDK, no socket -- is a no)."""
-    try:
-        import docker
-
-        client = docker.from_env(timeout=timeout)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001 - DockerException, requests errors, ImportError ...
-        return False
-
 
 def wait_redis(url: str, deadline: float = START_DEADLINE) -> None:
     """Poll PING on `url` until it answers or the deadline passes."""
@@ -116,9 +106,10 @@ class RedisSource:
 class LocalRedis(RedisSource):
     """A private redis-server (no persistence) on a fixed free loopback port."""
 
-    def __init__(self) -> None:
+    def __init__(self, not_docker: str = "") -> None:
         super().__init__()
         self.kind = "local"
+        self.not_docker = not_docker              # why Docker was passed over, if it was
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._server: RedisProcess | None = None
@@ -147,28 +138,28 @@ class LocalRedis(RedisSource):
         self.stop()
 
     def describe(self) -> str:
-        return f"local redis-server pid={self.pid} at {self.url}"
+        why = f" (not Docker: {self.not_docker})" if self.not_docker else ""
+        return f"local redis-server pid={self.pid} at {self.url}{why}"
 
 
 class DockerRedis(RedisSource):
     """``redis:7`` via testcontainers, published on a fixed loopback port so a stop/start of the
-    container keeps the URL. (Where the daemon's ports are not on this host's loopback, e.g.
-    Docker-in-Docker, use INTEGRATION_REDIS=local.)"""
+    container keeps the URL. Only chosen where `docker_redis_problem` finds nothing wrong."""
 
     IMAGE = "redis:7"
 
-    def __init__(self) -> None:
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
         super().__init__()
-        try:
-            from testcontainers.community.redis import RedisContainer
-        except ImportError:                       # older layouts
-            from testcontainers.redis import RedisContainer
+        from testcontainers.core.config import testcontainers_config
+        from testcontainers.core.container import DockerContainer
+
+        # testcontainers caches the variable at its first read; the choice saw it as it is now.
+        testcontainers_config.ryuk_disabled = ryuk_disabled(environ)
         self.kind = "docker"
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        container = RedisContainer(self.IMAGE)
         # no persistence, like the local path: a restarted Redis comes back empty
-        container.with_command("redis-server --save '' --appendonly no")
+        container = DockerContainer(self.IMAGE).with_command("redis-server --save '' --appendonly no")
         # published on loopback only, on a port fixed for the whole session (docker-py accepts
         # (host_ip, host_port); testcontainers' with_bind_ports has no host_ip)
         container.ports["6379"] = ("127.0.0.1", self.port)  # type: ignore[assignment]
@@ -184,11 +175,11 @@ class DockerRedis(RedisSource):
         if self._running:
             return
         if not self._started:
-            self._container.start()
+            # Marked first: a start that fails after the container exists must still remove it.
             self._started = True
-            host = self._container.get_container_host_ip()
-            host = "127.0.0.1" if host == "localhost" else host
-            self.url = f"redis://{host}:{self._container.get_exposed_port(6379)}/0"
+            # The URL is known, so testcontainers' own host guess (a bridge gateway when
+            # /.dockerenv exists) never comes into play.
+            self._container.start()
         else:
             self._container.get_wrapped_container().start()
         wait_redis(self.url)
@@ -201,18 +192,125 @@ class DockerRedis(RedisSource):
 
     def close(self) -> None:
         if self._started:
-            self._container.stop()                # removes the container
+            self._container.stop()                # removes the container, if it was created
         self._started = self._running = False
 
     def describe(self) -> str:
         return f"docker {self.IMAGE} container at {self.url}"
 
 
-def pick_redis_source() -> RedisSource:
-    choice = os.environ.get("INTEGRATION_REDIS", "auto").lower()
-    if choice == "docker" or (choice == "auto" and docker_answers()):
-        return DockerRedis()
-    return LocalRedis()
+def ryuk_disabled(environ: Mapping[str, str]) -> bool:
+    """TESTCONTAINERS_RYUK_DISABLED as testcontainers reads it (unset: its properties file)."""
+    from testcontainers.core.config import ENABLE_FLAGS, TestcontainersConfiguration
+
+    flag = environ.get("TESTCONTAINERS_RYUK_DISABLED")
+    if flag is not None:
+        return flag.lower() in ENABLE_FLAGS
+    return TestcontainersConfiguration().ryuk_disabled
+
+
+def docker_host_is_local(docker_host: str) -> bool:
+    """Whether DOCKER_HOST names a daemon on this machine, whose 127.0.0.1 is ours."""
+    if not docker_host:
+        return True
+    url = urlsplit(docker_host)
+    if url.scheme in ("unix", "npipe"):
+        return True
+    if url.scheme in ("tcp", "http", "https") and url.hostname:
+        if url.hostname == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(url.hostname).is_loopback
+        except ValueError:
+            return False
+    return False
+
+
+def image_problem(client: Any, image: str, environ: Mapping[str, str],
+                  pull_timeout: float) -> str | None:
+    """None if `image` is on the daemon or could be pulled now, else why not."""
+    import docker
+
+    try:
+        client.images.get(image)
+        return None
+    except docker.errors.ImageNotFound:
+        pass
+    except docker.errors.DockerException as exc:
+        return f"`docker image inspect {image}` failed: {exc}"
+    repository, colon, tag = image.rpartition(":")
+    if not colon or "/" in tag:                   # no tag, or the colon was a registry's port
+        repository, tag = image, "latest"
+    try:
+        # A client of its own: the pull's time limit is its socket timeout.
+        puller = docker.from_env(environment=dict(environ), timeout=pull_timeout)
+        try:
+            puller.api.pull(repository, tag=tag)
+        finally:
+            puller.close()
+        client.images.get(image)
+        return None
+    except docker.errors.APIError as exc:
+        return f"image {image} is not on the daemon and cannot be pulled ({exc.explanation})"
+    except (docker.errors.DockerException, OSError) as exc:   # OSError: requests' errors
+        return f"image {image} is not on the daemon and cannot be pulled ({exc})"
+
+
+def docker_redis_problem(environ: Mapping[str, str], timeout: float = 5.0,
+                         pull_timeout: float = 60.0) -> str | None:
+    """None if the Docker path can run here, else the reason, in the terms of the variable
+    that decides it (DOCKER_HOST, TESTCONTAINERS_CONNECTION_MODE, TESTCONTAINERS_RYUK_DISABLED)."""
+    mode = environ.get("TESTCONTAINERS_CONNECTION_MODE", "")
+    if mode not in ("", "docker_host"):
+        return (f"TESTCONTAINERS_CONNECTION_MODE={mode}: the Redis container is published on "
+                "127.0.0.1 only, which needs docker_host")
+    docker_host = environ.get("DOCKER_HOST", "")
+    if not docker_host_is_local(docker_host):
+        return (f"DOCKER_HOST={docker_host} is not on this machine: ports published on its "
+                "127.0.0.1 are not reachable here")
+    try:
+        import docker
+        import testcontainers.core.container  # noqa: F401 - the Docker path needs it
+        from testcontainers.core.config import testcontainers_config
+    except ImportError as exc:
+        return f"the Docker path needs the testcontainers package ({exc})"
+    try:
+        client = docker.from_env(environment=dict(environ), timeout=timeout)
+    except docker.errors.DockerException as exc:
+        return f"no Docker daemon answers ({exc})"
+    try:
+        try:
+            client.ping()
+        except (docker.errors.DockerException, OSError) as exc:
+            return f"no Docker daemon answers at {docker_host or 'the default socket'} ({exc})"
+        problem = image_problem(client, DockerRedis.IMAGE, environ, pull_timeout)
+        if problem:
+            return problem
+        if not ryuk_disabled(environ):
+            ryuk_image = environ.get("RYUK_CONTAINER_IMAGE", testcontainers_config.ryuk_image)
+            problem = image_problem(client, ryuk_image, environ, pull_timeout)
+            if problem:
+                return (f"testcontainers' reaper (Ryuk) is enabled and {problem}; set "
+                        "TESTCONTAINERS_RYUK_DISABLED=true (the fixture removes its container itself)")
+        return None
+    finally:
+        client.close()
+
+
+def pick_redis_source(environ: Mapping[str, str] = os.environ) -> RedisSource:
+    """The Redis the session uses: Docker when it can run here (forced by
+    INTEGRATION_REDIS=docker: a skip otherwise), else a local redis-server."""
+    choice = environ.get("INTEGRATION_REDIS", "auto").lower()
+    if choice == "local":
+        return LocalRedis()
+    if choice not in ("auto", "docker"):
+        raise pytest.UsageError(f"INTEGRATION_REDIS={choice!r}: expected auto, docker or local")
+    problem = docker_redis_problem(environ)
+    if problem is None:
+        return DockerRedis(environ)
+    if choice == "docker":
+        pytest.skip(f"INTEGRATION_REDIS=docker, but Docker cannot be used: {problem}")
+    return LocalRedis(not_docker=problem)         # redis_source logs the line saying why
 
 
 @pytest.fixture(scope="session")
@@ -220,11 +318,11 @@ def redis_source(request: pytest.FixtureRequest) -> Iterator[RedisSource]:
     """The session's Redis (never 6379), running and empty at the start of each test that
     asks for `redis_url`."""
     source = pick_redis_source()
-    source.start()
-    line = f"integration tests use {source.describe()}"
-    log.warning(line)
-    request.config.stash[_SOURCE_KEY] = line
     try:
+        source.start()
+        line = f"integration tests use {source.describe()}"
+        log.warning(line)
+        request.config.stash[_SOURCE_KEY] = line
         yield source
     finally:
         source.close()

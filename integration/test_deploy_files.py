@@ -101,6 +101,24 @@ def depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return deps
 
 
+def published(entry: str | dict[str, Any]) -> tuple[str, str, str]:
+    """A `ports:` entry (short or long syntax) -> (host_ip, host port, container port), as written
+    (host_ip may be a ${VAR:-default}; "" when the entry gives none)."""
+    if isinstance(entry, dict):
+        return (str(entry.get("host_ip", "")), str(entry.get("published", "")),
+                str(entry["target"]))
+    text = str(entry)
+    host_ip = ""
+    if text.startswith("${"):                 # an interpolated address holds ":-" itself
+        end = text.index("}") + 1
+        host_ip, text = text[:end], text[end + 1:]
+    parts = text.rsplit(":", 2)
+    if len(parts) == 3:
+        host_ip, parts = parts[0], parts[1:]
+    host_port = parts[0] if len(parts) == 2 else ""
+    return host_ip, host_port, parts[-1].split("/")[0]
+
+
 def healthcheck_url(test: list[str] | str) -> str:
     text = test if isinstance(test, str) else " ".join(test)
     match = re.search(r"https?://[^'\"\s]+", text)
@@ -383,15 +401,28 @@ def test_every_compose_default_is_accepted_by_load_settings() -> None:
 
 def test_lb_publishes_the_haproxy_frontend_port() -> None:
     lb = lb_service()
-    ports = [str(p) for p in lb["ports"]]
-    published = {}
-    for port in ports:
-        parts = port.split(":")
-        published[int(parts[-2])] = int(parts[-1].split("/")[0])
-    assert published.get(8000) == haproxy_frontend_port()
+    ports = {int(host): int(target) for _, host, target in map(published, lb["ports"])}
+    assert ports.get(8000) == haproxy_frontend_port()
     mounts = [str(v) for v in lb.get("volumes", [])]
     assert any(m.startswith("./deploy/haproxy.cfg:") and m.endswith(":ro")
                and "/usr/local/etc/haproxy/haproxy.cfg" in m for m in mounts), mounts
+
+
+def test_published_ports_bind_loopback_unless_widened_by_a_variable() -> None:
+    seen = 0
+    for name, svc in services().items():
+        for entry in svc.get("ports", []):
+            seen += 1
+            host_ip, _, _ = published(entry)
+            assert host_ip, f"{name} publishes {entry!r} on every interface"
+            match = INTERPOLATION.fullmatch(host_ip)
+            assert match and match.group(2), (
+                f"{name}: {entry!r} should bind ${{VAR:-127.0.0.1}}, widened only by setting VAR")
+            assert ipaddress.ip_address(match.group(2)).is_loopback, f"{name}: {entry!r}"
+    assert seen >= 3, "lb, prometheus and grafana publish ports"
+    host_ip, host_port, target = published(lb_service()["ports"][0])
+    assert (INTERPOLATION.fullmatch(host_ip).group(1), host_port, target) == (  # type: ignore[union-attr]
+        "GATEWAY_PUBLISH", "8000", "8000")
 
 
 def test_haproxy_backend_servers_are_the_gateway_services() -> None:
@@ -438,6 +469,13 @@ def test_haproxy_timeouts() -> None:
 # ----------------------------------------------------------------------------------------------
 # Dockerfile / .dockerignore
 # ----------------------------------------------------------------------------------------------
+
+def test_dockerfile_needs_no_buildkit_frontend_from_a_registry() -> None:
+    # a `# syntax=` parser directive makes BuildKit pull its frontend image before building
+    directives = [line for line in DOCKERFILE.read_text(encoding="utf-8").splitlines()
+                  if re.match(r"#\s*syntax\s*=", line, re.I)]
+    assert not directives, directives
+
 
 def test_dockerfile_stages_use_slim_python() -> None:
     stages = dockerfile_stages()
