@@ -437,27 +437,18 @@ async def test_caller_cancelled_while_connecting_does_not_fail_the_others(
     cancelled task must end cancelled."""
     server, admin = own_redis
     assert await admin.script_load(ECHO) == ECHO_SHA
-    gate = HeldRelay(server_port=int(server.url.rsplit(":", 1)[1].split("/")[0]))
-    await gate.start()
-    try:
-        pipeline = pipelines(make_settings(REDIS_URL=gate.url, REDIS_TIMEOUT=5))
-        gate.hold()                                        # the handshake reply is held back
-        first = asyncio.create_task(echo(pipeline, "first"))
-        await eventually(lambda: pipeline.connecting is not None and gate.connections == 1,
-                         "the first caller to be connecting")
-        second = asyncio.create_task(echo(pipeline, "second"))
-        await asyncio.sleep(0)                             # second now waits on the same connect
-        assert not second.done()
-        first.cancel()
-        await asyncio.wait([first], timeout=DEADLINE)
-        gate.release()
-        results = await outcomes([first, second])
-        assert results == ["cancelled", b"second"], (
-            f"the cancelled caller ended with {results[0]!r}; "
-            f"the caller waiting on its connect got {results[1]!r}")
-    finally:
-        gate.release()
-        await gate.close()
+    pipeline = pipelines(own_settings(make_settings, server, REDIS_TIMEOUT=5))
+    first = asyncio.create_task(echo(pipeline, "first"))
+    await asyncio.sleep(0)                                 # first now waits for its connect
+    second = asyncio.create_task(echo(pipeline, "second"))
+    await asyncio.sleep(0)                                 # second waits on the same connect
+    assert pipeline.connecting is not None and not pipeline.connecting.done()
+    assert not second.done()
+    first.cancel()
+    results = await outcomes([first, second])
+    assert results == ["cancelled", b"second"], (
+        f"the cancelled caller ended with {results[0]!r}; "
+        f"the caller waiting on its connect got {results[1]!r}")
 
 
 # --- closing ---------------------------------------------------------------------------------
@@ -490,65 +481,3 @@ async def test_aclose_fails_calls_in_flight_instead_of_leaving_them_hanging(
     done, waiting = await asyncio.wait(tasks, timeout=DEADLINE)
     assert not waiting, f"{len(waiting)} calls in flight still wait after aclose()"
     assert all(isinstance(t.exception(), RedisConnectionError) for t in tasks)
-
-
-# --- a TCP relay to redis whose answers can be held back --------------------------------------
-
-class HeldRelay:
-    """Forwards loopback TCP to a redis-server; hold() stops passing its answers on (they are
-    buffered, not dropped), release() lets them through."""
-
-    def __init__(self, server_port: int) -> None:
-        self.server_port = server_port
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    def hold(self) -> None:
-        self.flowing.clear()
-
-    def release(self) -> None:
-        self.flowing.set()
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.server_port)
-        self.writers += [client_w, redis_w]
-        up = asyncio.create_task(self._pump(client_r, redis_w, held=False))
-        down = asyncio.create_task(self._pump(redis_r, client_w, held=True))
-        self.tasks |= {up, down}
-        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
-        for w in (client_w, redis_w):
-            w.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    held: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if held:
-                    await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.server.wait_closed()
