@@ -10,6 +10,8 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .pipeline import lost
+
 
 @dataclass(frozen=True, slots=True)
 class Health:
@@ -45,9 +47,13 @@ class HealthProbe:
             return health
 
     async def _redis(self) -> bool:
+        """One PING, connecting included, within one timeout."""
         try:
             return bool(await asyncio.wait_for(self.redis.ping(), self.timeout))
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (RedisError, asyncio.TimeoutError):
+            return False
+        except (OSError, RuntimeError) as exc:     # a pooled socket a reset closed (uvloop)
+            lost(exc)
             return False
 
     async def _backend(self) -> bool:
