@@ -175,3 +175,106 @@ async def _decides(client: httpx.AsyncClient) -> bool:
     response = await client.get("/x")
     assert response.status_code == 200, (response.status_code, response.text)
     return decided(response)
+
+
+# --- (2) a slow Redis: REDIS_TIMEOUT bounds the whole decision ------------------------------
+
+async def _timed(client: httpx.AsyncClient, n: int) -> list[tuple[int, float, bool]]:
+    """n concurrent requests: (status, seconds, decided by Redis) each."""
+    async def one() -> tuple[int, float, bool]:
+        started = time.monotonic()
+        response = await client.get("/x")
+        return response.status_code, time.monotonic() - started, decided(response)
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def test_slow_redis_decisions_end_within_redis_timeout_counted_as_timeouts_then_exact_again(
+        run, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        assert redis_server.port is not None
+        admin = Redis(host="127.0.0.1", port=redis_server.port)
+        await admin.flushall()
+        bound = REDIS_TIMEOUT + MARGIN
+        with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+            async with gateway(f"redis://127.0.0.1:{proxy.port}/0", REDIS_TIMEOUT=REDIS_TIMEOUT,
+                               RATE_LIMIT=5) as gw, gw.client("127.0.0.2") as client:
+                assert all(ok for _, _, ok in await _timed(client, 1))
+
+                # replies a little under REDIS_TIMEOUT late, on a fresh connection: a handshake of
+                # its own round trips would add up past the deadline
+                proxy.cut()
+                await eventually(lambda: sockets_closed(gw), "the gateway to see the reset")
+                proxy.set(latency_down=0.25)
+                for status, seconds, _ in await _timed(client, 1):
+                    assert status == 200 and seconds <= bound, (status, seconds)
+
+                # replies 1 to 3 s late: every decision gives up at REDIS_TIMEOUT, counted
+                for latency in (1.0, 2.0, 3.0):
+                    proxy.set(latency_down=latency)
+                    before = counted(gw, "timeout")
+                    results = await _timed(client, 5)
+                    for status, seconds, ok in results:
+                        assert status == 200 and not ok and seconds <= bound, (latency, results)
+                    assert counted(gw, "timeout") - before == 5, latency
+                    assert counted(gw, "connection") == 0
+
+                # healed: late replies still in flight are dropped, and limits are exact again
+                proxy.set()
+                proxy.cut()
+                async with gw.client("127.0.0.4") as probe:
+                    await eventually(lambda: _decides(probe), "decisions after healing")
+                async with gw.client("127.0.0.3") as fresh:
+                    statuses = [(await fresh.get("/x")).status_code for _ in range(7)]
+                assert statuses == [200] * 5 + [429] * 2
+                assert internal_errors(gw) == 0
+                keys = await admin.keys("rl:*")
+                assert keys
+                ttls = [await admin.pttl(key) for key in keys]
+                assert all(ttl > 0 for ttl in ttls), dict(zip(keys, ttls))
+        await admin.aclose()
+    run(scenario())
+
+
+# --- (3) NOSCRIPT after SCRIPT FLUSH or a restart: one SCRIPT LOAD, few connections ----------
+
+async def _script_loads(admin: Redis) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_script|load", {}).get("calls", 0))
+
+
+async def _gateway_connections(admin: Redis) -> int:
+    me = await admin.client_id()
+    return sum(1 for c in await admin.client_list() if int(c["id"]) != me)
+
+
+@pytest.mark.parametrize("event", ["script_flush", "restart"])
+def test_burst_after_noscript_shares_one_script_load_over_few_connections(
+        run, own_redis: RedisProcess, event: str) -> None:
+    async def scenario() -> None:
+        async with gateway(own_redis.url) as gw, gw.client("127.0.0.2") as client:
+            assert (await client.get("/x")).status_code == 200
+            assert (await client.get("/health")).status_code == 200
+            if event == "restart":
+                own_redis.stop()
+                own_redis.start()
+            admin = Redis.from_url(own_redis.url)
+            await admin.script_flush()
+            await admin.config_resetstat()
+            # all 50 EVALSHAs reach Redis before it answers any: CLIENT PAUSE WRITE holds them
+            await admin.client_pause(60_000, all=False)
+            burst = [asyncio.ensure_future(client.get("/x")) for _ in range(50)]
+            await eventually(lambda: len(gw.gateway.pipeline.pending) == 50, "50 calls in flight")
+            await admin.client_unpause()
+            answers = await asyncio.gather(*burst)
+            assert [a.status_code for a in answers] == [200] * 50
+            assert all(decided(a) for a in answers)
+            assert await _gateway_connections(admin) <= 3
+            assert await _script_loads(admin) == 1
+            assert gw.gateway.metrics.registry.get_sample_value("gateway_script_reloads_total") == 1
+            key = gw.gateway.limiter.key("127.0.0.2")
+            assert int(await admin.get(key) or 0) == 50 + (1 if event == "script_flush" else 0)
+            assert await admin.pttl(key) > 0
+            assert (await client.get("/health")).status_code == 200
+            assert await _gateway_connections(admin) <= 3           # /health added none
+            await admin.aclose()
+    run(scenario())
