@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -481,3 +482,71 @@ async def test_aclose_fails_calls_in_flight_instead_of_leaving_them_hanging(
     done, waiting = await asyncio.wait(tasks, timeout=DEADLINE)
     assert not waiting, f"{len(waiting)} calls in flight still wait after aclose()"
     assert all(isinstance(t.exception(), RedisConnectionError) for t in tasks)
+
+
+# --- connecting: no round trips of its own ---------------------------------------------------
+
+async def commands_run(admin: Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT, the admin's own left out."""
+    stats = await admin.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    for own in ("info", "config|resetstat"):
+        calls.pop(own, None)
+    return calls
+
+
+async def test_a_fresh_connection_sends_nothing_before_the_first_call(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    """No PING, HELLO or CLIENT SETINFO round trips ahead of the script on a new connection."""
+    server, admin = own_redis
+    assert await admin.script_load(ECHO) == ECHO_SHA
+    pipeline = pipelines(own_settings(make_settings, server))
+    await admin.config_resetstat()
+    assert await echo(pipeline, "first") == b"first"
+    assert await commands_run(admin) == {"evalsha": 1}
+
+
+async def test_auth_and_select_are_written_with_the_first_call(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    server, admin = own_redis
+    await admin.acl_setuser("gw", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all"])
+    url = server.url.replace("redis://", "redis://gw:secret@").rsplit("/", 1)[0] + "/3"
+    pipeline = pipelines(make_settings(REDIS_URL=url, REDIS_TIMEOUT=5))
+    script = LuaScript.named("fixed_window.v1")
+    await admin.config_resetstat()
+    assert (await script.run(pipeline, ("rl:fw1:{auth}",), (5, 60_000)))[:2] == [1, 4]
+    handshake = {"auth", "select", "ping", "hello", "client|setinfo", "evalsha", "script|load"}
+    assert {c: n for c, n in (await commands_run(admin)).items() if c in handshake} == \
+        {"auth": 1, "select": 1, "evalsha": 2, "script|load": 1}
+    db3 = Redis.from_url(server.url.rsplit("/", 1)[0] + "/3")
+    assert await db3.get("rl:fw1:{auth}") == b"1"                # SELECT came first
+    await db3.aclose()
+
+
+async def test_wrong_password_fails_the_call_with_an_authentication_error(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    server, admin = own_redis
+    await admin.acl_setuser("gw", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all"])
+    assert await admin.script_load(ECHO) == ECHO_SHA
+    url = server.url.replace("redis://", "redis://gw:wrong@")
+    pipeline = pipelines(make_settings(REDIS_URL=url, REDIS_TIMEOUT=5))
+    results = await outcomes([asyncio.create_task(echo(pipeline, i)) for i in range(3)])
+    assert all(isinstance(r, AuthenticationError) for r in results), results
+
+
+async def test_a_call_times_out_at_its_deadline_and_its_late_reply_shifts_nothing(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    """The deadline bounds the call, whatever the socket timeout; the reply that comes after
+    it is read and dropped, so the next caller still gets its own."""
+    server, admin = own_redis
+    pipeline = pipelines(own_settings(make_settings, server, REDIS_TIMEOUT=5))
+    await warm(pipeline, admin)
+    slow = await admin.script_load(                        # busy for 0.6 s, then returns 1
+        b"local t = redis.call('TIME'); local e = t[1] * 1e6 + t[2] + 600000 "
+        b"repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= e return 1")
+    deadline = asyncio.get_running_loop().time() + 0.1
+    with pytest.raises(RedisTimeoutError):
+        await asyncio.wait_for(pipeline.evalsha(slow, 0, deadline=deadline), DEADLINE)
+    assert len(pipeline.pending) == 1                      # its reply is still to come
+    assert await asyncio.wait_for(echo(pipeline, "next"), DEADLINE) == b"next"
+    assert not pipeline.pending
