@@ -58,12 +58,15 @@ SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=~-]{1,128}")
 
 
 def make_redis(settings: Settings) -> Redis:
-    """A bounded pool with short timeouts and no retries: a down Redis must fail fast."""
+    """A small pool with short timeouts and no retries: a down Redis must fail fast. Only
+    /health and start-up use it (the limiter has its own pipeline), and a new connection sends
+    no command before the caller's: RESP2 needs no HELLO, no CLIENT SETINFO, no health-check
+    PING; only the URL's AUTH / SELECT."""
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url or "", max_connections=max(16, settings.max_concurrent_requests * 2),
+        settings.redis_url or "", max_connections=4,
         timeout=settings.redis_timeout, socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout, retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
+        protocol=2, driver_info=None,
         # redis-py 8 skips its is-the-socket-still-open check while this is "auto": a Redis
         # restart would then fail one command per pooled connection
         maint_notifications_config=MaintNotificationsConfig(enabled=False))
@@ -103,14 +106,14 @@ class Gateway:
         settings = self.settings
         self.redis = self._redis or make_redis(settings)
         self.client = self._client or make_client(settings)
-        self.pipeline = Pipeline(self.redis)
+        self.pipeline = Pipeline(self.redis, settings.redis_timeout)
         self.limiter = RateLimiter(self.pipeline, settings, metrics=self.metrics)
         self.slots = ForwardSlots(settings.max_concurrent_requests, settings.queue_timeout,
                                   observer=self.metrics.slots)
         self.forwarder = Forwarder(self.client, settings.upstream_backend_url, settings.upstream_timeout)
         self.health = HealthProbe(self.redis, self.client, settings.upstream_backend_url)
         try:
-            await self.limiter.script.load(self.redis)
+            await self.limiter.script.load(self.pipeline)       # opens the limiter's connection
             info = await self.redis.info("server")
             log.info("redis %s answering; loaded %s as %s", info.get("redis_version", "?"),
                      self.limiter.script.name, self.limiter.script.sha)

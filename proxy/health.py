@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 import httpx
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+
+from .pipeline import lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +48,25 @@ class HealthProbe:
             return health
 
     async def _redis(self) -> bool:
+        """PING, connecting included, within one timeout."""
         try:
-            return bool(await asyncio.wait_for(self.redis.ping(), self.timeout))
-        except (RedisError, OSError, asyncio.TimeoutError):
+            return bool(await asyncio.wait_for(self._ping(), self.timeout))
+        except (RedisError, asyncio.TimeoutError):
             return False
+        except (OSError, RuntimeError) as exc:
+            lost(exc)                  # raises unless a transport a reset closed (uvloop)
+            return False
+
+    async def _ping(self) -> bool:
+        """A pooled socket the server reset while it sat idle fails its next command: that one
+        failure gets a second PING, on a fresh connection."""
+        try:
+            return bool(await self.redis.ping())
+        except RedisConnectionError:
+            pass
+        except (OSError, RuntimeError) as exc:
+            lost(exc)
+        return bool(await self.redis.ping())
 
     async def _backend(self) -> bool:
         try:

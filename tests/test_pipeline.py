@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -437,27 +438,18 @@ async def test_caller_cancelled_while_connecting_does_not_fail_the_others(
     cancelled task must end cancelled."""
     server, admin = own_redis
     assert await admin.script_load(ECHO) == ECHO_SHA
-    gate = HeldRelay(server_port=int(server.url.rsplit(":", 1)[1].split("/")[0]))
-    await gate.start()
-    try:
-        pipeline = pipelines(make_settings(REDIS_URL=gate.url, REDIS_TIMEOUT=5))
-        gate.hold()                                        # the handshake reply is held back
-        first = asyncio.create_task(echo(pipeline, "first"))
-        await eventually(lambda: pipeline.connecting is not None and gate.connections == 1,
-                         "the first caller to be connecting")
-        second = asyncio.create_task(echo(pipeline, "second"))
-        await asyncio.sleep(0)                             # second now waits on the same connect
-        assert not second.done()
-        first.cancel()
-        await asyncio.wait([first], timeout=DEADLINE)
-        gate.release()
-        results = await outcomes([first, second])
-        assert results == ["cancelled", b"second"], (
-            f"the cancelled caller ended with {results[0]!r}; "
-            f"the caller waiting on its connect got {results[1]!r}")
-    finally:
-        gate.release()
-        await gate.close()
+    pipeline = pipelines(own_settings(make_settings, server, REDIS_TIMEOUT=5))
+    first = asyncio.create_task(echo(pipeline, "first"))
+    await asyncio.sleep(0)                                 # first now waits for its connect
+    second = asyncio.create_task(echo(pipeline, "second"))
+    await asyncio.sleep(0)                                 # second waits on the same connect
+    assert pipeline.connecting is not None and not pipeline.connecting.done()
+    assert not second.done()
+    first.cancel()
+    results = await outcomes([first, second])
+    assert results == ["cancelled", b"second"], (
+        f"the cancelled caller ended with {results[0]!r}; "
+        f"the caller waiting on its connect got {results[1]!r}")
 
 
 # --- closing ---------------------------------------------------------------------------------
@@ -492,63 +484,69 @@ async def test_aclose_fails_calls_in_flight_instead_of_leaving_them_hanging(
     assert all(isinstance(t.exception(), RedisConnectionError) for t in tasks)
 
 
-# --- a TCP relay to redis whose answers can be held back --------------------------------------
+# --- connecting: no round trips of its own ---------------------------------------------------
 
-class HeldRelay:
-    """Forwards loopback TCP to a redis-server; hold() stops passing its answers on (they are
-    buffered, not dropped), release() lets them through."""
+async def commands_run(admin: Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT, the admin's own left out."""
+    stats = await admin.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    for own in ("info", "config|resetstat"):
+        calls.pop(own, None)
+    return calls
 
-    def __init__(self, server_port: int) -> None:
-        self.server_port = server_port
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+async def test_a_fresh_connection_sends_nothing_before_the_first_call(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    """No PING, HELLO or CLIENT SETINFO round trips ahead of the script on a new connection."""
+    server, admin = own_redis
+    assert await admin.script_load(ECHO) == ECHO_SHA
+    pipeline = pipelines(own_settings(make_settings, server))
+    await admin.config_resetstat()
+    assert await echo(pipeline, "first") == b"first"
+    assert await commands_run(admin) == {"evalsha": 1}
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
 
-    def hold(self) -> None:
-        self.flowing.clear()
+async def test_auth_and_select_are_written_with_the_first_call(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    server, admin = own_redis
+    await admin.acl_setuser("gw", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all"])
+    url = server.url.replace("redis://", "redis://gw:secret@").rsplit("/", 1)[0] + "/3"
+    pipeline = pipelines(make_settings(REDIS_URL=url, REDIS_TIMEOUT=5))
+    script = LuaScript.named("fixed_window.v1")
+    await admin.config_resetstat()
+    assert (await script.run(pipeline, ("rl:fw1:{auth}",), (5, 60_000)))[:2] == [1, 4]
+    handshake = {"auth", "select", "ping", "hello", "client|setinfo", "evalsha", "script|load"}
+    assert {c: n for c, n in (await commands_run(admin)).items() if c in handshake} == \
+        {"auth": 1, "select": 1, "evalsha": 2, "script|load": 1}
+    db3 = Redis.from_url(server.url.rsplit("/", 1)[0] + "/3")
+    assert await db3.get("rl:fw1:{auth}") == b"1"                # SELECT came first
+    await db3.aclose()
 
-    def release(self) -> None:
-        self.flowing.set()
 
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.server_port)
-        self.writers += [client_w, redis_w]
-        up = asyncio.create_task(self._pump(client_r, redis_w, held=False))
-        down = asyncio.create_task(self._pump(redis_r, client_w, held=True))
-        self.tasks |= {up, down}
-        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
-        for w in (client_w, redis_w):
-            w.close()
+async def test_wrong_password_fails_the_call_with_an_authentication_error(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    server, admin = own_redis
+    await admin.acl_setuser("gw", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all"])
+    assert await admin.script_load(ECHO) == ECHO_SHA
+    url = server.url.replace("redis://", "redis://gw:wrong@")
+    pipeline = pipelines(make_settings(REDIS_URL=url, REDIS_TIMEOUT=5))
+    results = await outcomes([asyncio.create_task(echo(pipeline, i)) for i in range(3)])
+    assert all(isinstance(r, AuthenticationError) for r in results), results
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    held: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if held:
-                    await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
 
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.close()
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.server.wait_closed()
+async def test_a_call_times_out_at_its_deadline_and_its_late_reply_shifts_nothing(
+        own_redis, make_settings: SettingsFactory, pipelines) -> None:
+    """The deadline bounds the call, whatever the socket timeout; the reply that comes after
+    it is read and dropped, so the next caller still gets its own."""
+    server, admin = own_redis
+    pipeline = pipelines(own_settings(make_settings, server, REDIS_TIMEOUT=5))
+    await warm(pipeline, admin)
+    slow = await admin.script_load(                        # busy for 0.6 s, then returns 1
+        b"local t = redis.call('TIME'); local e = t[1] * 1e6 + t[2] + 600000 "
+        b"repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= e return 1")
+    deadline = asyncio.get_running_loop().time() + 0.1
+    with pytest.raises(RedisTimeoutError):
+        await asyncio.wait_for(pipeline.evalsha(slow, 0, deadline=deadline), DEADLINE)
+    assert len(pipeline.pending) == 1                      # its reply is still to come
+    assert await asyncio.wait_for(echo(pipeline, "next"), DEADLINE) == b"next"
+    assert not pipeline.pending
