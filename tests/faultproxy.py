@@ -33,6 +33,9 @@ class Faults:
     latency_down: float = 0.0
     reset_after_up: int | None = None  # pass this many bytes, then reset both sides (RST)
     reset_after_down: int | None = None
+    reset_pause: float = 0.0           # seconds between passing those bytes and the reset: an
+                                       # RST at once can overtake them (the peer's kernel drops
+                                       # unread data on RST), a pause lets the peer read them
     half_close_after_down: int | None = None  # pass this many bytes down, then FIN to the client
     blackhole: bool = False            # connections stay open, nothing passes either way
     refuse: bool = False               # not listening: connects are refused
@@ -72,6 +75,7 @@ class FaultProxy:
         self.faults = Faults()
         self.accepted = 0                  # connections accepted since start
         self.pairs: set[_Pair] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy",
@@ -140,11 +144,18 @@ class FaultProxy:
         await self._unlisten()
         for pair in list(self.pairs):
             pair.abort()
+        # let the handlers see their connections gone, so none is left pending on a closed loop
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=5)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         pair = _Pair((reader, writer))
         self.pairs.add(pair)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         try:
             if self.faults.blackhole:
                 await self._swallow(reader)
@@ -184,6 +195,8 @@ class FaultProxy:
                     writer.write(data[:max(0, min(stops) - passed)])
                     await writer.drain()
                     if reset is not None and passed + len(data) >= reset:
+                        if faults.reset_pause:
+                            await asyncio.sleep(faults.reset_pause)
                         pair.abort()
                         return
                     writer.write_eof()             # half-close: FIN, keep reading the other way
