@@ -24,7 +24,7 @@ def test_tiny_soak_samples_judges_and_stops_everything_it_started() -> None:
     assert started, out
     samples = re.findall(r"^\s+\d+\s+[\d.]+\s+\d+\s+\S+\s+\S+\s+\d+\s+(\d+)\s+\d+ ", out, re.M)
     assert len(samples) >= 3 and set(samples) == {"0"}, out          # no key without a TTL
-    assert "soak: at the end in-flight 0, queue 0" in out
+    assert "soak: at the end in-flight 0, queue 0; fds" in out
     assert "keys without TTL: 0 at worst during the run, 0 of" in out
     assert re.search(r"soak: verdict (FLAT, nothing left behind|NOT OK)$", out, re.M), out
     assert run.returncode in (0, 1), run.stderr[-2000:]

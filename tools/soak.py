@@ -51,6 +51,7 @@ GATEWAY_ENV = {
     "UPSTREAM_TIMEOUT": 2, "QUEUE_TIMEOUT": 2, "MAX_CONCURRENT_REQUESTS": 20,
     "SHUTDOWN_TIMEOUT": 3, "REDIS_KEY_PREFIX": PREFIX, "ACCESS_LOG": "off", "LOG_LEVEL": "INFO",
 }
+GATEWAY_ENV_POOL = 20          # idle upstream connections kept: MAX_CONCURRENT_REQUESTS
 # (side, name, FaultProxy.set() arguments, also cut the open connections)
 FAULTS: list[tuple[str, str, dict[str, object], bool]] = [
     ("redis", "redis latency 0.5s", {"latency_down": 0.5}, False),
@@ -278,6 +279,10 @@ async def ttl_less_keys(redis: Redis) -> tuple[int, int]:
     return ttl_less, keys
 
 
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 class Faults:
     """Switches the next fault of FAULTS on every `every` seconds for `length` seconds."""
 
@@ -288,10 +293,12 @@ class Faults:
         self.current = "-"
         self.index = 0
 
-    async def run(self, until: float) -> None:
+    async def run(self, until: float, settle: float) -> None:
+        """Faults centred in each period; none that would not be over `settle` s before the end."""
+        start = time.monotonic() + (self.every - self.length) / 2
         try:
-            while time.monotonic() + self.every <= until + 0.5:
-                await asyncio.sleep(self.every - self.length)
+            while start + self.length + settle <= until:
+                await asyncio.sleep(max(0.0, start - time.monotonic()))
                 side, name, settings, cut = FAULTS[self.index % len(FAULTS)]
                 self.index += 1
                 proxy = self.rig.redis_proxy if side == "redis" else self.rig.upstream_proxy
@@ -300,9 +307,12 @@ class Faults:
                 if cut:
                     proxy.cut()
                 self.current = name
+                print(f"soak: fault on: {name}", flush=True)
                 await asyncio.sleep(self.length)
                 proxy.set()
                 self.current = "-"
+                print(f"soak: healed: {name}", flush=True)
+                start += self.every
         finally:
             self.rig.heal()
 
@@ -314,6 +324,7 @@ async def soak(rig: Rig, profile: Profile) -> bool:
     driver = Driver(rig.url, tally)
     redis = Redis.from_url(rig.redis.url)
     samples: list[Sample] = []
+    idle_fds = fd_count(pid)
     try:
         capacity = await measure_capacity(driver, profile.measure)
         rate = max(1.0, capacity * profile.share)
@@ -324,7 +335,7 @@ async def soak(rig: Rig, profile: Profile) -> bool:
         until = started + profile.seconds
         faults = Faults(rig, profile.fault_every, profile.fault_length)
         traffic = asyncio.create_task(paced(driver, rate, until))
-        fault_task = asyncio.create_task(faults.run(until))
+        fault_task = asyncio.create_task(faults.run(until, profile.sample_every))
         print(f"{'t/s':>6} {'rss MiB':>8} {'fds':>5} {'inflight':>8} {'queue':>6} "
               f"{'keys':>6} {'no-TTL':>6} {'req/s':>7}  fault", flush=True)
         last_done, last_at = tally.done, started
@@ -334,7 +345,7 @@ async def soak(rig: Rig, profile: Profile) -> bool:
             in_flight, waiting = await gauges(rig.url)
             ttl_less, keys = await ttl_less_keys(redis)
             sample = Sample(now - started, status_kb(pid, "VmRSS") or 0,
-                            len(os.listdir(f"/proc/{pid}/fd")), in_flight, waiting, ttl_less,
+                            fd_count(pid), in_flight, waiting, ttl_less,
                             keys, (tally.done - last_done) / max(1e-9, now - last_at),
                             faults.current)
             last_done, last_at = tally.done, now
@@ -344,24 +355,31 @@ async def soak(rig: Rig, profile: Profile) -> bool:
                   f"{sample.ttl_less:6d} {sample.rate:7.0f}  {sample.fault}", flush=True)
         await traffic
         await fault_task
-        return await verdict(rig, redis, samples, tally, profile)
+        await driver.aclose()
+        return await verdict(rig, redis, samples, tally, profile, idle_fds)
     finally:
         await driver.aclose()
         await redis.aclose()
 
 
 async def verdict(rig: Rig, redis: Redis, samples: list[Sample], tally: Tally,
-                  profile: Profile) -> bool:
-    """Print the verdict; True when flat and nothing was left behind."""
+                  profile: Profile, idle_fds: int) -> bool:
+    """Print the verdict; True when flat and nothing was left behind. Called with the traffic
+    stopped and the driver's connections closed."""
+    assert rig.gateway is not None
     deadline = time.monotonic() + 15
     in_flight = waiting = -1.0
+    fds = 0
+    idle_bound = idle_fds + GATEWAY_ENV_POOL + 2        # the upstream pool may stay filled
     while time.monotonic() < deadline:
         in_flight, waiting = await gauges(rig.url)
-        if (in_flight, waiting) == (0, 0):
+        fds = fd_count(rig.gateway.pid)
+        if (in_flight, waiting) == (0, 0) and fds <= idle_bound:
             break
         await asyncio.sleep(0.1)
     ttl_less, keys = await ttl_less_keys(redis)
-    steady = [s for s in samples if s.at >= profile.warm_up] or samples
+    # the flatness of the run: samples after warm-up taken with no fault on
+    steady = [s for s in samples if s.at >= profile.warm_up and s.fault == "-"] or samples
     third = max(1, len(steady) // 3)
     first, last = steady[:third], steady[-third:]
     rss_first = statistics.median(s.rss_kib for s in first) / 1024
@@ -380,10 +398,11 @@ async def verdict(rig: Rig, redis: Redis, samples: list[Sample], tally: Tally,
           f"({'flat' if fds_flat else 'GROWING'}; bound +10)")
     print(f"soak: keys without TTL: {no_ttl_ever} at worst during the run, {ttl_less} of "
           f"{keys} at the end")
-    print(f"soak: at the end in-flight {in_flight:g}, queue {waiting:g}")
+    print(f"soak: at the end in-flight {in_flight:g}, queue {waiting:g}; fds {fds} with the "
+          f"clients gone ({idle_fds} before any traffic, bound {idle_bound})")
     if odd:
         print(f"soak: undocumented statuses {odd}")
-    ok = (rss_flat and fds_flat and no_ttl_ever == 0 and ttl_less == 0
+    ok = (rss_flat and fds_flat and fds <= idle_bound and no_ttl_ever == 0 and ttl_less == 0
           and (in_flight, waiting) == (0, 0) and not odd)
     print(f"soak: verdict {'FLAT, nothing left behind' if ok else 'NOT OK'}", flush=True)
     return ok
