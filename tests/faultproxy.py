@@ -33,6 +33,9 @@ class Faults:
     latency_down: float = 0.0
     reset_after_up: int | None = None  # pass this many bytes, then reset both sides (RST)
     reset_after_down: int | None = None
+    reset_pause: float = 0.0           # seconds between passing those bytes and the reset: an
+                                       # RST at once can overtake them (the peer's kernel drops
+                                       # unread data on RST), a pause lets the peer read them
     half_close_after_down: int | None = None  # pass this many bytes down, then FIN to the client
     blackhole: bool = False            # connections stay open, nothing passes either way
     refuse: bool = False               # not listening: connects are refused
@@ -193,6 +196,8 @@ class FaultProxy:
                     writer.write(data[:max(0, min(stops) - passed)])
                     await writer.drain()
                     if reset is not None and passed + len(data) >= reset:
+                        if faults.reset_pause:
+                            await asyncio.sleep(faults.reset_pause)
                         pair.abort()
                         return
                     writer.write_eof()             # half-close: FIN, keep reading the other way

@@ -46,6 +46,15 @@ def test_reset_after_bytes_resets_the_connection(proxy: FaultProxy) -> None:
         r.ping()
 
 
+def test_reset_pause_lets_the_peer_read_what_passed_before_the_reset(proxy: FaultProxy) -> None:
+    proxy.set(reset_after_down=3, reset_pause=0.2)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=2) as conn:
+        conn.sendall(b"PING\r\n")
+        assert conn.recv(64) == b"+PO"
+        with pytest.raises(ConnectionResetError):
+            conn.recv(64)
+
+
 def test_blackhole_answers_nothing(proxy: FaultProxy) -> None:
     proxy.set(blackhole=True)
     with client(proxy, timeout=0.3) as r, pytest.raises(redis_sync.TimeoutError):
