@@ -83,9 +83,11 @@ async def slow_reconnect(rig: Rig, traffic: Traffic) -> None:
 
 
 async def reset_mid_body(rig: Rig, traffic: Traffic) -> None:
-    """Reset a few bytes into the body of each new upstream connection's first response."""
+    """Reset a few bytes into the body of each new upstream connection's first response; the
+    pooled connections are cut first, so every request meets a new one."""
     rig.upstream_proxy.set(reset_after_down=response_head_length(rig.upstream.port) + 5,
                            reset_pause=PEER_READS)
+    rig.upstream_proxy.cut()
 
 
 REDIS_SCENARIOS = {

@@ -27,6 +27,7 @@ MAX_HEAD = 64 * 1024                   # status line + headers of one response
 MAX_CHUNK_LINE = 4096
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 HIGH_WATER = 256 * 1024                # stop reading the socket past this much unconsumed
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 SKIP_REQUEST_HEADERS = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
 CONNECT_ERRORS = (OSError, ssl.SSLError)
 TIMER_SLACK = 0.001                    # uvloop's timers tick in milliseconds: re-arming for less spins
@@ -382,10 +383,12 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     async def _exchange(self, conn: _Connection, request: httpx.Request, method: bytes, head: bytes,
                         upload: _Upload | None, reused: bool, timeout: float | None) -> httpx.Response:
         """One request on `conn`. Raises _Retry when a reused connection turns out dead before
-        the upstream could have taken the request (no answer, no body chunk pulled yet)."""
-        answered = False
+        the upstream could have taken the request: closed before the head was written, or, for
+        an idempotent method, closed without a byte of answer before a body chunk was pulled."""
+        answered = written = False
         try:
             conn.write(head)
+            written = True
             if upload is not None:
                 upload.attach(conn)
             while True:
@@ -399,8 +402,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         except BaseException as exc:
             conn.upload = None
             conn.close()
+            # resent only where it cannot run twice: nothing left this side, or the method is
+            # idempotent (RFC 9110 9.2.2); a POST whose head was written may have been taken
             if reused and not answered and isinstance(exc, (_Unanswered, httpx.WriteError)) \
-                    and (upload is None or upload.movable):
+                    and (upload is None or upload.movable) \
+                    and (not written or method in IDEMPOTENT):
                 if upload is not None:
                     upload.detach()
                 raise _Retry() from exc

@@ -642,7 +642,7 @@ async def test_post_whose_body_was_pulled_is_not_resent_when_the_reused_connecti
     assert [r.target for r in server.requests] == [b"/one", b"/post"]
 
 
-async def test_post_whose_body_has_not_started_is_resent_on_a_fresh_connection_when_the_reused_one_dies(
+async def test_put_whose_body_has_not_started_is_resent_on_a_fresh_connection_when_the_reused_one_dies(
         transport: UpstreamTransport) -> None:
     """The idle close racing the request: the upstream takes the head on the pooled connection
     and closes without a byte of answer. No chunk was pulled from the body's source yet, so the
@@ -665,14 +665,34 @@ async def test_post_whose_body_has_not_started_is_resent_on_a_fresh_connection_w
 
     async with RawServer(handler=handler, reply=lambda r: ok(b"got " + r.body)) as server:
         await fetch(transport, "GET", server.url + "/one")
-        posting = asyncio.ensure_future(fetch(transport, "POST", server.url + "/post", content=body()))
+        posting = asyncio.ensure_future(fetch(transport, "PUT", server.url + "/post", content=body()))
         await wait_until(lambda: len(server.requests) == 3 or posting.done(),
-                         "the POST's head on a second connection")
+                         "the PUT's head on a second connection")
         started.set()
         response, got = await posting
     assert response.status_code == 200 and got == b"got part one, part two"
     assert [(r.conn, r.target) for r in server.requests] == [(0, b"/one"), (0, b"/post"), (1, b"/post")]
     assert server.requests[2].header(b"transfer-encoding") == [b"chunked"]
+
+
+async def test_post_whose_head_the_reused_connection_took_is_not_resent(
+        transport: UpstreamTransport) -> None:
+    """The same race for a POST: its head was written, so the upstream may have taken it and a
+    second send could run it twice (RFC 9110 9.2.2). It fails once, as a 502 would."""
+    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if index == 0:
+            await server.read_request(index, reader)
+            writer.write(ok(b"first"))
+            await writer.drain()
+            await server.read_request(index, reader, body=False)
+            return                                 # closes without answering
+        await server.serve(index, reader, writer)
+
+    async with RawServer(handler=handler, reply=lambda r: ok(b"got " + r.body)) as server:
+        await fetch(transport, "GET", server.url + "/one")
+        with pytest.raises(httpx.RemoteProtocolError):
+            await fetch(transport, "POST", server.url + "/post")     # no body: nothing to pull
+    assert [(r.conn, r.target) for r in server.requests] == [(0, b"/one"), (0, b"/post")]
 
 
 async def test_unsolicited_bytes_on_idle_connection_never_taken_as_next_response(

@@ -188,7 +188,7 @@ async def test_sequential_posts_through_the_gateway_survive_the_upstream_closing
     assert [r.body for r in upstream.requests] == [b"body-%d" % i for i in range(count)]
 
 
-async def test_post_through_the_gateway_is_resent_when_the_pooled_connection_dies_under_its_head(
+async def test_put_through_the_gateway_is_resent_when_the_pooled_connection_dies_under_its_head(
         start_gateway, make_settings) -> None:
     """The upstream meets the head on its used connection with a close (its idle close racing
     the request). The client's body has not arrived yet, so nothing was pulled from it: the
@@ -200,7 +200,7 @@ async def test_post_through_the_gateway_is_resent_when_the_pooled_connection_die
             host, port = gw.url.removeprefix("http://").split(":")
             reader, writer = await asyncio.open_connection(host, int(port))
             try:
-                writer.write(b"POST /second HTTP/1.1\r\nHost: gw\r\nContent-Length: 11\r\n\r\n")
+                writer.write(b"PUT /second HTTP/1.1\r\nHost: gw\r\nContent-Length: 11\r\n\r\n")
                 await writer.drain()
                 await wait_until(lambda: (1, b"/second") in upstream.heads,
                                  "the request head on a fresh upstream connection")
