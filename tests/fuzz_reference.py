@@ -53,6 +53,7 @@ class Expected:
     body: bytes = b""
     own: bool = False                 # /health or /metrics: the gateway's own answer
     may_cut_off: bool = False         # refused midway (413, a stalled body): a partial upstream copy is fine
+    may_close: bool = False           # the gateway may end the connection after answering it
 
     def describe(self) -> str:
         return (f"#{self.index} {self.request_id!r} {self.verdict}"
@@ -187,6 +188,8 @@ def _check_head(exp: Expected, head: Head, peer: str, base: bytes) -> None:
     tokens = {t.strip().lower() for v in head.values(b"connection") for t in v.split(b",")}
     if b"close" in tokens or (head.version == b"HTTP/1.0" and b"keep-alive" not in tokens):
         exp.stop = True
+    elif head.version == b"HTTP/1.0":
+        exp.may_close = True                       # RFC 9112 9.3: honouring keep-alive is optional
     if head.method != head.method.upper():
         _refuse(exp, f"method {head.method!r} is not upper case (methods are case-sensitive)")
     elif head.method == b"CONNECT":

@@ -153,53 +153,67 @@ def violations(expected: list[Expected], outcome: Outcome, records: list[Recorde
     head_ids = frozenset(e.request_id for e in expected if e.method == b"HEAD" and e.request_id)
     responses, error = parse_responses(outcome.received, head_ids)
     if not outcome.closed:
-        found.append(f"hang: the connection was still open after {HANG:g} s")
+        found.append(f"[hang] the connection was still open after {HANG:g} s")
     if not settled:
-        found.append(f"the gateway or the upstream was still busy {SETTLE:g} s after the exchange")
+        found.append(f"[hang] the gateway or the upstream was still busy {SETTLE:g} s after the exchange")
     if error:
-        found.append(f"unparseable response stream: {error}")
-    found += _check_statuses(responses, by_id)
+        found.append(f"[response stream] unparseable: {error}")
+    found += _check_statuses(responses, by_id, any(e.own for e in expected))
     for cut in rejected:
         rid = request_id(cut.head) if cut.head is not None else None
         exp = by_id.get(rid) if rid is not None else None
         if not (cut.reason.startswith("connection closed") and exp is not None and exp.may_cut_off):
-            found.append(f"the upstream got bytes it cannot frame ({cut.reason}): {cut.data[:200]!r}")
+            found.append(f"[unframeable] the upstream got bytes it cannot frame ({cut.reason}): {cut.data[:200]!r}")
     seen: set[bytes] = set()
     answered = {r.header(b"x-request-id"): r for r in responses}
+    own = any(e.own for e in expected)
     for record in records:
+        if own and _is_health_probe(record):
+            continue
         found += _check_record(record, by_id, answered, seen, upstream_host)
     mandatory = []
     for exp in expected:
         if exp.verdict != FORWARD:
             break
         mandatory.append(exp)
+        if exp.may_close:
+            break
     for exp in mandatory:
         if exp.request_id not in seen:
             got = answered.get(exp.request_id)
-            found.append(f"valid request {exp.request_id!r} never reached the upstream; the client got "
+            found.append(f"[not forwarded] valid request {exp.request_id!r} never reached the upstream; the client got "
                          f"{got.status if got else 'no answer'}")
     order = [by_id[r.header(b"x-request-id")].index for r in responses
              if r.header(b"x-request-id") in by_id]
     if order != sorted(order):
-        found.append(f"answers out of order: request indexes {order}")
+        found.append(f"[response stream] answers out of order: request indexes {order}")
     return found
 
 
-def _check_statuses(responses: list[Response], by_id: dict[bytes | None, Expected]) -> list[str]:
+def _is_health_probe(record: Recorded) -> bool:
+    """/health's own probe of the upstream: a bare GET of the base path."""
+    head = record.request.head
+    return (head.method == b"GET" and head.target == BASE and not head.values(b"x-request-id")
+            and not head.values(b"x-forwarded-for"))
+
+
+def _check_statuses(responses: list[Response], by_id: dict[bytes | None, Expected],
+                    own: bool) -> list[str]:
     found = []
     for response in responses:
         rid = response.header(b"x-request-id")
         exp = by_id.get(rid)
         if response.status not in ALLOWED_STATUSES:
-            found.append(f"undocumented status {response.status} for {rid!r}: {response.body[:200]!r}")
+            found.append(f"[status] undocumented status {response.status} for {rid!r}: {response.body[:200]!r}")
         if response.status >= 400:
             kind = response.header(b"content-type") or b""
             if not kind.startswith(b"application/problem+json"):
-                found.append(f"error {response.status} for {rid!r} without a problem+json body "
+                found.append(f"[problem+json] error {response.status} for {rid!r} without a problem+json body "
                              f"(content-type {kind!r}, body {response.body[:100]!r})")
+        # /health and /metrics answer without an X-Request-ID
         if response.status == 200 and response.header(b"x-echo") is None \
-                and not (exp is not None and exp.own):
-            found.append(f"a 200 for {rid!r} that is neither the upstream's nor a gateway route's")
+                and not (exp.own if exp is not None else rid is None and own):
+            found.append(f"[status] a 200 for {rid!r} that is neither the upstream's nor a gateway route's")
     return found
 
 
@@ -211,40 +225,108 @@ def _check_record(record: Recorded, by_id: dict[bytes | None, Expected],
     shown = f"{head.method.decode('latin-1')} {head.target[:80]!r} id={rid!r}"
     exp = by_id.get(rid)
     if rid is not None and rid.startswith(b"sm-"):
-        return [f"smuggling: a request hidden in the client's bytes reached the upstream: {shown}"]
+        return [f"[smuggled] a request hidden in the client's bytes reached the upstream: {shown}"]
     if rid is None or exp is None:
-        return [f"the upstream got a request that is not one the client sent as such "
+        return [f"[smuggled] the upstream got a request that is not one the client sent as such "
                 f"(after the point where its stream stopped making sense): {shown}"]
     found = []
     if rid in seen:
-        found.append(f"{rid!r} reached the upstream twice")
+        found.append(f"[smuggled] {rid!r} reached the upstream twice")
     seen.add(rid)
     if exp.verdict == REFUSE:
-        return found + [f"refused request reached the upstream ({'; '.join(exp.reasons)}): {shown}"]
+        return found + [f"[refused but forwarded] refused request reached the upstream ({'; '.join(exp.reasons)}): {shown}"]
     if head.method != exp.method:
-        found.append(f"{rid!r}: method {exp.method!r} forwarded as {head.method!r}")
+        found.append(f"[changed] {rid!r}: method {exp.method!r} forwarded as {head.method!r}")
     if head.target not in exp.targets:
-        found.append(f"{rid!r}: target forwarded as {head.target!r}, expected one of "
+        found.append(f"[changed] {rid!r}: target forwarded as {head.target!r}, expected one of "
                      f"{sorted(exp.targets)!r}")
     got = [(n.lower(), v) for n, v in head.headers
            if n.lower() not in (b"host", b"content-length", b"transfer-encoding")]
     if got != exp.headers:
-        found.append(f"{rid!r}: headers forwarded as {got!r}, expected {exp.headers!r}")
+        found.append(f"[changed] {rid!r}: headers forwarded as {got!r}, expected {exp.headers!r}")
     if head.values(b"host") != [upstream_host]:
-        found.append(f"{rid!r}: upstream Host {head.values(b'host')!r}, expected {upstream_host!r}")
+        found.append(f"[changed] {rid!r}: upstream Host {head.values(b'host')!r}, expected {upstream_host!r}")
     if record.request.body != exp.body:
-        found.append(f"{rid!r}: body forwarded as {record.request.body[:200]!r}, expected "
+        found.append(f"[changed] {rid!r}: body forwarded as {record.request.body[:200]!r}, expected "
                      f"{exp.body[:200]!r}")
     if record.request.trailers:
-        found.append(f"{rid!r}: trailer fields forwarded {record.request.trailers!r}")
+        found.append(f"[changed] {rid!r}: trailer fields forwarded {record.request.trailers!r}")
     response = answered.get(rid)
     if response is None or response.status != 200 or \
             response.header(b"x-echo") != str(record.echo).encode() or \
             (exp.method != b"HEAD" and response.body != b"echo %d" % record.echo):
         what = (f"{response.status} {response.body[:120]!r} x-echo={response.header(b'x-echo')!r}"
                 if response else "no answer with its request id")
-        found.append(f"{rid!r} ran upstream (echo {record.echo}) but the client got {what}")
+        found.append(f"[ran but not answered] {rid!r} ran upstream (echo {record.echo}) but the client got {what}")
     return found
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    frames = task.get_stack(limit=None)
+    return " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames[-4:])) or "?"
+
+
+class Violation(AssertionError):
+    """An exchange broke an invariant; one subclass per kind, so Hypothesis tells them apart
+    (it keys distinct bugs on the exception's type) and shrinks each one on its own."""
+
+
+class Smuggled(Violation):
+    """The upstream got a request the client did not send as one (hidden, or after the stream broke)."""
+
+
+class RefusedButForwarded(Violation):
+    """A request the gateway must refuse reached the upstream."""
+
+
+class Changed(Violation):
+    """A forwarded request differs from what the client sent, beyond the README's rules."""
+
+
+class RanButNotAnswered(Violation):
+    """A request ran upstream but the client did not get the upstream's answer."""
+
+
+class Unframeable(Violation):
+    """The gateway sent the upstream bytes a strict HTTP/1.1 parser cannot frame."""
+
+
+class Hang(Violation):
+    """The exchange did not end within the timeouts."""
+
+
+class NotForwarded(Violation):
+    """A valid request never reached the upstream."""
+
+
+class BadStatus(Violation):
+    """A status the README does not document, or a 200 nobody answered."""
+
+
+class BadResponseStream(Violation):
+    """The client could not frame the gateway's answers, or they came out of order."""
+
+
+class NoProblemJson(Violation):
+    """An error answer without an application/problem+json body."""
+
+
+# most severe first: an example is reported as its worst violation
+KINDS: list[tuple[str, type[Violation]]] = [
+    ("[smuggled]", Smuggled), ("[refused but forwarded]", RefusedButForwarded), ("[changed]", Changed),
+    ("[ran but not answered]", RanButNotAnswered), ("[unframeable]", Unframeable), ("[hang]", Hang),
+    ("[not forwarded]", NotForwarded), ("[status]", BadStatus), ("[response stream]", BadResponseStream),
+    ("[problem+json]", NoProblemJson),
+]
+
+
+def raise_worst(found: list[str]) -> None:
+    """Raise the Violation of the most severe kind among `found`, listing all of them."""
+    for tag, kind in KINDS:
+        if any(f.startswith(tag) for f in found):
+            raise kind("\n".join(found))
+    if found:
+        raise Violation("\n".join(found))
 
 
 # -- the harness ------------------------------------------------------------------------------
@@ -260,6 +342,7 @@ class Harness:
         self.upstream_host = b""
         self.gateway: Gateway | None = None
         self._baseline: set[asyncio.Task[Any]] = set()
+        self.leftover: list[str] = []
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -321,6 +404,7 @@ class Harness:
         return asyncio.run_coroutine_threadsafe(self._quiet(deadline), self._loop).result()
 
     async def _quiet(self, deadline: float) -> bool:
+        self.leftover = []
         end = time.monotonic() + deadline
         me = asyncio.current_task()
         gateway = self.gateway
@@ -331,6 +415,9 @@ class Harness:
             if not busy and gateway.slots.in_use == 0 and not self.upstream.busy:
                 return True
             if time.monotonic() > end:
+                self.leftover = [f"{getattr(t.get_coro(), '__qualname__', t)} at "
+                                 f"{_where(t)}" for t in busy]
+                self._baseline |= set(busy)    # reported once; later examples start clean
                 return False
             await asyncio.sleep(0.005)
 
@@ -347,5 +434,9 @@ class Harness:
         outcome = exchange(self.port, data)
         settled = self.settle()
         records, rejected = self.upstream.since(mark)
-        return expected, outcome, violations(expected, outcome, records, rejected,
-                                             self.upstream_host, settled)
+        found = violations(expected, outcome, records, rejected, self.upstream_host, settled)
+        if not settled:
+            found.append(f"[hang] still running: {self.leftover or 'none'}; slots in use "
+                         f"{self.gateway.slots.in_use if self.gateway else '?'}; upstream "
+                         f"connections mid-request {sorted(self.upstream.busy)}")
+        return expected, outcome, found

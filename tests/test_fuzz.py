@@ -8,7 +8,9 @@ properties for longer: FUZZ_EXAMPLES raises max_examples, FUZZ_SEED picks a fres
 failures are kept in .hypothesis/ to be replayed first next time."""
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +20,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from proxy.embedded_redis import RedisProcess
 from tests.fuzz_reference import EITHER, FORWARD, REFUSE, interpret
 from tests.fuzz_strategies import ALL, FRAMING, HEAD, PIPELINE, SIZE, TARGET, streams
-from tests.fuzzing import Harness, Outcome, parse_responses, violations
+from tests.fuzzing import Harness, Outcome, parse_responses, raise_worst, violations
 from tests.strict_upstream import Malformed, Recorded, parse_request
 
 LONG = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -27,11 +29,14 @@ FUZZ = settings(
     deadline=None,                              # the harness bounds each exchange itself (HANG)
     derandomize=not LONG,
     database=DirectoryBasedExampleDatabase(".hypothesis/fuzz") if LONG else None,
-    report_multiple_bugs=bool(LONG),
+    report_multiple_bugs=True,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
+
+
+EXAMPLES: Counter[str] = Counter()         # per test, for `./dev fuzz`'s summary (FUZZ_REPORT)
 
 
 @pytest.fixture(scope="module")
@@ -40,54 +45,66 @@ def harness(redis_server: RedisProcess) -> Iterator[Harness]:
     running.start()
     yield running
     running.stop()
+    if os.environ.get("FUZZ_REPORT"):
+        with open(os.environ["FUZZ_REPORT"], "a", encoding="utf-8") as report:
+            for test, count in EXAMPLES.items():
+                report.write(json.dumps({"test": test, "examples": count}) + "\n")
 
 
 def check(harness: Harness, data: bytes) -> None:
+    EXAMPLES[os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]] += 1
     expected, outcome, found = harness.run(data)
-    note(f"stream {data[:3000]!r}")
+    note(f"sent {outcome.sent[:3000]!r}")
     for exp in expected:
         note(f"  reference {exp.describe()}")
         event(f"verdict {exp.verdict}")
     note(f"received {outcome.received[:3000]!r} (closed={outcome.closed}, {outcome.seconds:.2f} s)")
-    assert not found, "\n".join(found)
+    raise_worst(found)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(data=streams(frozenset()))
 def test_valid_requests_reach_the_upstream_unchanged(harness: Harness, data: bytes) -> None:
     check(harness, data)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(data=streams(HEAD))
 def test_malformed_heads_are_refused_and_never_forwarded(harness: Harness, data: bytes) -> None:
     check(harness, data)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(data=streams(TARGET))
 def test_methods_and_targets_are_forwarded_only_as_documented(harness: Harness, data: bytes) -> None:
     check(harness, data)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(data=streams(FRAMING))
 def test_ambiguous_framing_never_lets_a_request_through(harness: Harness, data: bytes) -> None:
     check(harness, data)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(data=streams(SIZE, max_requests=2))
 def test_oversized_heads_are_refused(harness: Harness, data: bytes) -> None:
     check(harness, data)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(data=streams(PIPELINE, max_requests=4))
 def test_pipelined_requests_are_answered_for_what_ran(harness: Harness, data: bytes) -> None:
     check(harness, data)
 
 
+@pytest.mark.fuzz
 @FUZZ
 @given(data=streams(ALL, max_requests=4))
 def test_any_mix_of_mutations_keeps_every_invariant(harness: Harness, data: bytes) -> None:
@@ -149,7 +166,7 @@ def test_invariants_flag_a_smuggled_request() -> None:
     hidden = _recorded(_forwarded_get(rid=b"sm-0"), echo=2)
     found = violations(interpret(GET), outcome, [_recorded(_forwarded_get()), hidden], [],
                        UPSTREAM_HOST, settled=True)
-    assert len(found) == 1 and found[0].startswith("smuggling"), found
+    assert len(found) == 1 and found[0].startswith("[smuggled]"), found
 
 
 def test_invariants_flag_a_request_that_ran_while_the_client_was_told_400() -> None:
@@ -167,7 +184,7 @@ def test_invariants_flag_a_changed_request_an_undocumented_status_and_a_hang() -
                        settled=True)
     assert any("target forwarded as" in f for f in found), found
     assert any("undocumented status 500" in f for f in found), found
-    assert any(f.startswith("hang") for f in found), found
+    assert any(f.startswith("[hang]") for f in found), found
 
 
 def test_invariants_hold_for_a_plain_exchange() -> None:
