@@ -19,13 +19,13 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from proxy.embedded_redis import RedisProcess
 from tests.fuzz_reference import EITHER, FORWARD, REFUSE, interpret
-from tests.fuzz_strategies import ALL, FRAMING, HEAD, PIPELINE, SIZE, TARGET, streams
+from tests.fuzz_strategies import ALL, FRAMING, HEAD, PIPELINE, SIZE, TARGET, Stream, streams
 from tests.fuzzing import Harness, Outcome, parse_responses, raise_worst, violations
 from tests.strict_upstream import Malformed, Recorded, parse_request
 
 LONG = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
-    max_examples=LONG or 25,
+    max_examples=LONG or 50,
     deadline=None,                              # the harness bounds each exchange itself (HANG)
     derandomize=not LONG,
     database=DirectoryBasedExampleDatabase(".hypothesis/fuzz") if LONG else None,
@@ -54,11 +54,11 @@ def harness(redis_server: RedisProcess) -> Iterator[Harness]:
 def check(harness: Harness, data: bytes) -> None:
     EXAMPLES[os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]] += 1
     expected, outcome, found = harness.run(data)
-    note(f"sent {outcome.sent[:3000]!r}")
+    note(f"sent {Stream(outcome.sent[:3000])!r}")
     for exp in expected:
         note(f"  reference {exp.describe()}")
         event(f"verdict {exp.verdict}")
-    note(f"received {outcome.received[:3000]!r} (closed={outcome.closed}, {outcome.seconds:.2f} s)")
+    note(f"received {Stream(outcome.received[:3000])!r} (closed={outcome.closed}, {outcome.seconds:.2f} s)")
     raise_worst(found)
 
 
@@ -191,6 +191,10 @@ def test_invariants_hold_for_a_plain_exchange() -> None:
     found = violations(interpret(GET), Outcome(GET, _answer(), closed=True, seconds=0.1),
                        [_recorded(_forwarded_get())], [], UPSTREAM_HOST, settled=True)
     assert found == []
+
+
+def test_stream_repr_folds_long_runs() -> None:
+    assert repr(Stream(b"X: " + b"v" * 50 + b"\r\n")) == "b'X: ' + b'v' * 50 + b'\\r\\n'"
 
 
 def test_response_parser_frames_head_answers_without_a_body() -> None:
