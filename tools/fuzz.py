@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="time budget (default 10)")
     parser.add_argument("--examples", type=int, default=300,
                         help="examples per property per round (default 300)")
-    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments, e.g. -k framing")
-    args = parser.parse_args(argv)
+    args, pytest_args = parser.parse_known_args(argv)      # the rest goes to pytest (-k framing)
     if args.minutes <= 0 or args.examples <= 0:
         parser.error("--minutes and --examples must be positive")
     end = time.monotonic() + args.minutes * 60
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "FUZZ_EXAMPLES": str(args.examples), "FUZZ_REPORT": str(report)}
             command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "fuzz",
                        "-o", "timeout=0", "-q", f"--hypothesis-seed={seed}",
-                       "--hypothesis-show-statistics", "tests/test_fuzz.py", *args.pytest_args]
+                       "--hypothesis-show-statistics", "tests/test_fuzz.py", *pytest_args]
             try:
                 status = subprocess.run(command, env=env,
                                         timeout=max(0.0, end - time.monotonic()) + GRACE).returncode
