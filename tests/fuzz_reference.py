@@ -143,6 +143,7 @@ def _body(exp: Expected, head: Head, data: bytes, start: int, max_body: int) -> 
                 parsed = parse_chunked(data, start, ows=True)
             except Malformed:
                 _refuse(exp, f"chunked body: {exc}", stop=True)
+                exp.may_cut_off = True            # found mid-body: the upstream has the head already
                 return None
             _either(exp, "whitespace after a chunk size")
         if parsed is None:
