@@ -23,7 +23,7 @@ from tests.strict_upstream import (DIGITS, TOKEN, Malformed, Recorded, Rejected,
 Header = tuple[bytes, bytes]
 UPSTREAM_TIMEOUT = 2.0
 HANG = 15.0                           # a generous bound on one exchange: the timeouts plus slack
-SETTLE = 10.0
+SETTLE = 5.0                          # a client connection's tasks end within ~UPSTREAM_TIMEOUT
 SENTINEL = (b"GET /fuzz-end HTTP/1.1\r\nHost: fuzz.example\r\nX-Request-ID: fz-end\r\n"
             b"Connection: close\r\n\r\n")
 # README's error table, the gateway's own routes (200/503 for /health, Quart's 405 and 413),
