@@ -232,7 +232,9 @@ def _target(exp: Expected, target: bytes, base: bytes) -> None:
     if not PATH_CHARS.fullmatch(path) or not QUERY_CHARS.fullmatch(query) \
             or PCT_ESCAPE.search(target):
         _either(exp, f"characters outside RFC 3986 in {target[:60]!r}")
-    tail = qmark + query
+    # ASGI's query_string cannot tell "/a?" from "/a": an empty query is forwarded without its
+    # "?" (README, Known issues)
+    tail = qmark + query if query else b""
     targets = set()
     segments = path.split(b"/")
     if any(DOT.sub(b".", s) in (b".", b"..") for s in segments):

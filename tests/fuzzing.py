@@ -28,7 +28,7 @@ SENTINEL = (b"GET /fuzz-end HTTP/1.1\r\nHost: fuzz.example\r\nX-Request-ID: fz-e
             b"Connection: close\r\n\r\n")
 # README's error table, the gateway's own routes (200/503 for /health, Quart's 405 and 413),
 # 501 for a transfer coding nobody implements (RFC 9112 6.1), and the upstream's 200
-ALLOWED_STATUSES = frozenset({200, 400, 405, 408, 413, 429, 431, 501, 502, 503, 504})
+ALLOWED_STATUSES = frozenset({200, 400, 405, 408, 413, 429, 431, 501, 502, 503, 504, 505})
 
 
 # -- the client side --------------------------------------------------------------------------
