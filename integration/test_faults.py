@@ -237,7 +237,9 @@ async def test_redis_fault_answers_within_timeout_leaks_nothing_and_recovers(
         assert run.redis_errors > 0, "the fault was never felt"
     else:
         assert run.reconnects > 0, "the fault was never felt"
-    await check_common(rig, run, "redis")
+    # a fault the gateway got through without one failed call (a cut idle connection, seen
+    # before use) has nothing to report
+    await check_common(rig, run, "redis" if run.redis_errors else None)
     await check_books(rig, run, RATE_LIMIT + rig.probes_whole)
 
 
