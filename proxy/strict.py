@@ -26,6 +26,12 @@ HOST_VALUE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?
 FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
 H2C_PREFACE = b"PRI * HTTP/2.0\r\n\r\n"
+# the common head in one linear pass: an upper-case method, an origin- or absolute-form target,
+# HTTP/1.0 or 1.1, CRLF-ended "name:value" lines without control bytes (so no obs-fold, no bare
+# CR or LF). Anything else takes the slow path, which names the fault (or lets it through)
+PLAIN_HEAD = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Z]+) (?:/[\x21-\x7e]*|[A-Za-z][A-Za-z0-9+.\-]*://[\x21-\x7e]*)"
+    rb" HTTP/1\.[01]\r\n(?:" + TOKEN + rb":[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*\r\n")
 
 
 def head_end(data: bytearray, start: int) -> int:
@@ -50,6 +56,9 @@ def check_head(data: bytearray, end: int, h2c: bool = False) -> None:
     if end > HEAD_LIMIT:
         raise too_large()
     if h2c and data.startswith(H2C_PREFACE):
+        return
+    if PLAIN_HEAD.fullmatch(data, 0, end) is not None and not data.startswith(b"CONNECT "):
+        _check_hosts(HOST_LINE.findall(data, 0, end))
         return
     _check_faults(data, 0, end)
     line = REQUEST_LINE.match(data, 0, end)
@@ -82,6 +91,11 @@ def check_request(method: bytes, target: bytes, hosts: Iterable[bytes]) -> None:
         raise BadRequest("The request target must be visible ASCII.", headers=[CLOSE])
     if not (target.startswith(b"/") or ABSOLUTE_FORM.match(target)):
         raise BadRequest("The request target must be an absolute path.", headers=[CLOSE])
+    _check_hosts(hosts)
+
+
+def _check_hosts(hosts: Iterable[bytes]) -> None:
+    """At most one Host, and that one a valid host[:port] (RFC 9112 3.2)."""
     seen = 0
     for host in hosts:
         seen += 1
