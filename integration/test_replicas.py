@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 
 from integration.conftest import (POLL, CountingUpstream, DemoBackend, RedisSource, Replica,
                                   Replicas)
+from integration.faults import keys_and_ttls
 
 LOAD_DEADLINE = 90.0          # seconds any one load run may take
 WAIT_DEADLINE = 30.0          # seconds any one condition may take to become true
@@ -133,16 +134,6 @@ def tally(outcomes: Sequence[Outcome]) -> Counter[int | str | None]:
 
 def key(prefix: str, client: str) -> str:
     return f"{prefix}:fw1:{{{client}}}"
-
-
-async def keys_and_ttls(redis_url: str, prefix: str) -> dict[str, int]:
-    """Every key under `prefix` (SCAN) with its PTTL in ms (-1: no TTL, -2: gone)."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        found = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
-        return {k: await client.pttl(k) for k in found}
-    finally:
-        await client.aclose()
 
 
 async def get_value(redis_url: str, name: str) -> str | None:

@@ -12,7 +12,7 @@ import pytest
 from proxy.app import create_app
 from tests.servers import gateway_config, serving
 from tests.test_observability import samples, value
-from tests.test_proxy import DEADLINE, eventually
+from tests.test_proxy import DEADLINE, cutting_upstream, eventually
 
 QUEUED = 6                                     # clients that queue and leave
 
@@ -112,15 +112,8 @@ async def test_upstream_failing_mid_body_is_counted_upstream_aborted(start_gatew
     """The status the client already got stays in the log; the outcome says the body was cut."""
     caplog.set_level(logging.INFO, logger="proxy.access")
 
-    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
-        await writer.drain()
-        writer.close()
-    server = await asyncio.start_server(half, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{port}")
+    async with cutting_upstream() as url:
+        settings = make_settings(UPSTREAM_BACKEND_URL=url)
         async with start_gateway(settings) as gw, gw.client() as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get("/cut")

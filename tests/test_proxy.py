@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -553,8 +554,9 @@ async def test_client_that_stops_reading_a_download_loses_its_slot(start_gateway
     assert any("stopped reading" in r.getMessage() for r in caplog.records)
 
 
-async def test_upstream_failure_mid_body_aborts_the_response(start_gateway, make_settings):
-    """Headers already sent: the client must see a broken stream, never a clean short body."""
+@asynccontextmanager
+async def cutting_upstream() -> AsyncIterator[str]:
+    """An upstream that sends a response head and 10 of its 1,000 body bytes, then closes."""
     async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
@@ -562,8 +564,13 @@ async def test_upstream_failure_mid_body_aborts_the_response(start_gateway, make
         writer.close()
     server = await asyncio.start_server(half, "127.0.0.1", 0)
     async with server:
-        port = server.sockets[0].getsockname()[1]
-        settings = make_settings(UPSTREAM_BACKEND_URL=f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_upstream_failure_mid_body_aborts_the_response(start_gateway, make_settings):
+    """Headers already sent: the client must see a broken stream, never a clean short body."""
+    async with cutting_upstream() as url:
+        settings = make_settings(UPSTREAM_BACKEND_URL=url)
         async with start_gateway(settings) as gw, gw.client() as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get("/x")

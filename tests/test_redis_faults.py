@@ -20,6 +20,7 @@ from proxy.embedded_redis import RedisProcess, free_port
 from proxy.settings import load_settings
 from tests.conftest import RunningGateway
 from tests.faultproxy import FaultProxy
+from tests.test_pipeline import eventually
 from tests.servers import gateway_config, serving
 from tests.upstream import Upstream
 
@@ -69,20 +70,6 @@ async def gateway(redis_url: str, **env: Any) -> AsyncIterator[RunningGateway]:
         finally:
             upstream.release.set()
             upstream.proceed.set()
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    """Poll `check` until it holds; fail after DEADLINE seconds."""
-    end = time.monotonic() + DEADLINE
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {DEADLINE} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def counted(gw: RunningGateway, kind: str) -> float:

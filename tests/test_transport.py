@@ -621,20 +621,25 @@ async def test_stale_retry_happens_only_once(transport: UpstreamTransport) -> No
     assert server.connections == 2
 
 
+async def hang_up_on_second(server: RawServer, index: int, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+    """The idle close racing a request: the first connection answers its first request, then
+    reads the next head and closes without a byte of answer; later connections are served."""
+    if index == 0:
+        await server.read_request(index, reader)
+        writer.write(ok(b"first"))
+        await writer.drain()
+        await server.read_request(index, reader, body=False)
+        return
+    await server.serve(index, reader, writer)
+
+
 async def test_post_whose_body_was_pulled_is_not_resent_when_the_reused_connection_dies(
         transport: UpstreamTransport) -> None:
     """A bytes body is taken from its source at once; once a chunk is out of the source the
     request cannot be sent whole again, and the upstream might have acted on it."""
-    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if index == 0:
-            await server.read_request(index, reader)
-            writer.write(ok(b"first"))
-            await writer.drain()
-            await server.read_request(index, reader, body=False)
-            return                                 # closes without answering
-        await server.serve(index, reader, writer)
-
-    async with RawServer(handler=handler, reply=lambda r: ok(b"must not happen")) as server:
+    async with RawServer(handler=lambda *conn: hang_up_on_second(server, *conn),
+                         reply=lambda r: ok(b"must not happen")) as server:
         await fetch(transport, "GET", server.url + "/one")
         with pytest.raises(httpx.TransportError):
             await fetch(transport, "POST", server.url + "/post", content=b"payload")
@@ -649,21 +654,13 @@ async def test_put_whose_body_has_not_started_is_resent_on_a_fresh_connection_wh
     request can still go whole on a fresh connection, body and all."""
     started = asyncio.Event()
 
-    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if index == 0:
-            await server.read_request(index, reader)
-            writer.write(ok(b"first"))
-            await writer.drain()
-            await server.read_request(index, reader, body=False)
-            return                                 # closes without answering
-        await server.serve(index, reader, writer)
-
     async def body() -> AsyncIterator[bytes]:
         await started.wait()                       # the client sends only once the retry is on
         yield b"part one, "
         yield b"part two"
 
-    async with RawServer(handler=handler, reply=lambda r: ok(b"got " + r.body)) as server:
+    async with RawServer(handler=lambda *conn: hang_up_on_second(server, *conn),
+                         reply=lambda r: ok(b"got " + r.body)) as server:
         await fetch(transport, "GET", server.url + "/one")
         posting = asyncio.ensure_future(fetch(transport, "PUT", server.url + "/post", content=body()))
         await wait_until(lambda: len(server.requests) == 3 or posting.done(),
@@ -679,16 +676,8 @@ async def test_post_whose_head_the_reused_connection_took_is_not_resent(
         transport: UpstreamTransport) -> None:
     """The same race for a POST: its head was written, so the upstream may have taken it and a
     second send could run it twice (RFC 9110 9.2.2). It fails once, as a 502 would."""
-    async def handler(index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if index == 0:
-            await server.read_request(index, reader)
-            writer.write(ok(b"first"))
-            await writer.drain()
-            await server.read_request(index, reader, body=False)
-            return                                 # closes without answering
-        await server.serve(index, reader, writer)
-
-    async with RawServer(handler=handler, reply=lambda r: ok(b"got " + r.body)) as server:
+    async with RawServer(handler=lambda *conn: hang_up_on_second(server, *conn),
+                         reply=lambda r: ok(b"got " + r.body)) as server:
         await fetch(transport, "GET", server.url + "/one")
         with pytest.raises(httpx.RemoteProtocolError):
             await fetch(transport, "POST", server.url + "/post")     # no body: nothing to pull

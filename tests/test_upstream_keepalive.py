@@ -15,17 +15,10 @@ import httpx
 import pytest
 
 from proxy.transport import UpstreamTransport
+from tests.test_transport import wait_until
 
 TIMEOUTS = httpx.Timeout(5.0).as_dict()
 DEADLINE = 10.0                               # only to turn a missing event into a failure
-
-
-async def wait_until(predicate: Callable[[], object], what: str) -> None:
-    end = time.monotonic() + DEADLINE
-    while not predicate():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def wait_event(event: asyncio.Event, what: str) -> None:
