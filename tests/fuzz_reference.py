@@ -145,7 +145,10 @@ def _body(exp: Expected, head: Head, data: bytes, start: int, max_body: int) -> 
                 _refuse(exp, f"chunked body: {exc}", stop=True)
                 exp.may_cut_off = True            # found mid-body: the upstream has the head already
                 return None
+            # RFC 9112 7.1.1 allows BWS before a chunk-ext, h11 refuses it: refusing is safe
+            # (nothing after it can be read as a request), but it ends the connection mid-body
             _either(exp, "whitespace after a chunk size")
+            exp.stop = exp.may_cut_off = True
         if parsed is None:
             _refuse(exp, "the stream ends inside a chunked body", stop=True)
             exp.may_cut_off = True
