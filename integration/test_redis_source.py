@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,21 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     for name in TC_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     yield monkeypatch
+
+
+@pytest.fixture
+def redis_image_client(env: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A Docker client on an engine that holds DockerRedis.IMAGE (else skip), Ryuk off."""
+    import docker
+
+    env.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+    client = docker.from_env()
+    try:
+        if not client.images.list(name=DockerRedis.IMAGE):
+            pytest.skip(f"image {DockerRedis.IMAGE} is not on the daemon")
+        yield client
+    finally:
+        client.close()
 
 
 def skip_reason(excinfo: pytest.ExceptionInfo[BaseException]) -> str:
@@ -105,60 +121,46 @@ def test_forced_docker_with_the_redis_image_missing_skips(env: pytest.MonkeyPatc
 
 
 @needs_engine
-def test_docker_redis_that_fails_to_start_leaves_no_container(env: pytest.MonkeyPatch) -> None:
+def test_docker_redis_that_fails_to_start_leaves_no_container(redis_image_client: Any) -> None:
     import docker
 
-    env.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
-    client = docker.from_env()
+    source = DockerRedis()
+    created = None
     try:
-        if not client.images.list(name=DockerRedis.IMAGE):
-            pytest.skip(f"image {DockerRedis.IMAGE} is not on the daemon")
-        source = DockerRedis()
-        created = None
-        try:
-            with socket.socket() as taken:        # the container cannot publish its port
-                taken.bind(("127.0.0.1", source.port))
-                taken.listen()
-                with pytest.raises(docker.errors.APIError):
-                    source.start()
-                created = source._container._container
-                assert created is not None, "the container should exist before its start fails"
-                source.close()
-            with pytest.raises(docker.errors.NotFound):
-                client.containers.get(created.id)
-        finally:
-            if created is not None:               # whatever the outcome, leave nothing behind
-                try:
-                    created.remove(force=True)
-                except docker.errors.NotFound:
-                    pass
+        with socket.socket() as taken:            # the container cannot publish its port
+            taken.bind(("127.0.0.1", source.port))
+            taken.listen()
+            with pytest.raises(docker.errors.APIError):
+                source.start()
+            created = source._container._container
+            assert created is not None, "the container should exist before its start fails"
+            source.close()
+        with pytest.raises(docker.errors.NotFound):
+            redis_image_client.containers.get(created.id)
     finally:
-        client.close()
+        if created is not None:                   # whatever the outcome, leave nothing behind
+            try:
+                created.remove(force=True)
+            except docker.errors.NotFound:
+                pass
 
 
 @needs_engine
 def test_docker_redis_answers_on_loopback_whatever_host_testcontainers_would_guess(
-        env: pytest.MonkeyPatch) -> None:
+        redis_image_client: Any) -> None:
     # with /.dockerenv present and no TESTCONTAINERS_CONNECTION_MODE, testcontainers would look
     # for the container on a bridge gateway, where nothing of ours is published
     import docker
 
-    env.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
-    client = docker.from_env()
+    source = DockerRedis()
     try:
-        if not client.images.list(name=DockerRedis.IMAGE):
-            pytest.skip(f"image {DockerRedis.IMAGE} is not on the daemon")
-        source = DockerRedis()
-        try:
-            source.start()
-            with source.client() as redis:
-                assert redis.ping()
-            assert source.url.startswith("redis://127.0.0.1:")
-            created = source._container._container
-            assert created is not None
-        finally:
-            source.close()
-        with pytest.raises(docker.errors.NotFound):
-            client.containers.get(created.id)
+        source.start()
+        with source.client() as redis:
+            assert redis.ping()
+        assert source.url.startswith("redis://127.0.0.1:")
+        created = source._container._container
+        assert created is not None
     finally:
-        client.close()
+        source.close()
+    with pytest.raises(docker.errors.NotFound):
+        redis_image_client.containers.get(created.id)
